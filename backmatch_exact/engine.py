@@ -1,0 +1,332 @@
+"""Hooks that turn ``loss.backward()`` into back-matching propagation on an unmodified model.
+
+The engine knows no layer's mathematics (that lives in ``layers/``). It does
+three things around every supported leaf module:
+
+* a *signal tap* on the module's input, an identity in the forward pass whose
+  backward hands the layer rule the backprop signal ``Jᵀ g'_b`` and passes the
+  back-matched ``g'_a`` further down;
+* an *output tap* on the module's output, whose backward sees the signal the
+  layer receives from above and, for a weight layer, solves for ``g'_W``;
+* a hook on each parameter that puts that ``g'_W`` into ``.grad`` in place of
+  autograd's ``g_W``.
+
+It also checks that the forward pass is a chain of supported modules: each
+module must consume the previous module's output (or a view of it). Anything
+else — a functional call between two modules, a residual branch, a module used
+twice — is a ``GraphError``, because back-matching has no rule for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+from torch import nn
+
+from . import solver
+from .errors import BackMatchError, GraphError, NonFiniteError, UnsupportedModuleError
+from .layers import LayerRule, rule_for
+from .layers.base import signal_amplification
+
+MODES = ("bp", "exact", "exact_weights")
+
+
+@dataclasses.dataclass
+class _Layer:
+    path: str
+    module: nn.Module
+    rule: LayerRule
+    call: "_Call | None" = None  # the module's call in the current forward pass
+
+
+@dataclasses.dataclass
+class _Call:
+    """One module call in one forward pass: what the backward rules need."""
+
+    layer: _Layer
+    input: torch.Tensor
+    grad_output: torch.Tensor | None = None
+    plain_grads: dict = dataclasses.field(default_factory=dict)  # autograd's g_W, to cross-check
+
+
+class _SignalTap(torch.autograd.Function):
+    """Identity forward; backward replaces the backprop signal at a module input by the back-matched one."""
+
+    @staticmethod
+    def forward(ctx, x, engine, call):
+        ctx.engine, ctx.call = engine, call
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.engine._input_signal(ctx.call, grad), None, None
+
+
+class _OutputTap(torch.autograd.Function):
+    """Identity forward; backward shows the engine the signal arriving at a module output."""
+
+    @staticmethod
+    def forward(ctx, x, engine, call):
+        ctx.engine, ctx.call = engine, call
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.engine._output_signal(ctx.call, grad)
+        return grad, None, None
+
+
+def _root(t: torch.Tensor) -> torch.Tensor:
+    return t._base if t._base is not None else t
+
+
+def _check_finite(t: torch.Tensor, what: str, layer: _Layer) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(
+            f"layer {layer.path!r} ({type(layer.module).__name__}): {what} of shape {tuple(t.shape)} "
+            "contains NaN or infinity"
+        )
+
+
+class Engine:
+    """Back-matching propagation attached to a model. Create it with :func:`attach`."""
+
+    def __init__(self, model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_damping: float = 0.0,
+                 damping_scale: str = "relative", weight_decay: float = 0.0, solve_method: str = "auto"):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        for name, value in (("damping", damping), ("signal_damping", signal_damping),
+                            ("weight_decay", weight_decay)):
+            if not (isinstance(value, (int, float)) and value >= 0 and value == value and value != float("inf")):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if damping_scale not in ("relative", "absolute"):
+            raise ValueError(f"damping_scale must be 'relative' or 'absolute', got {damping_scale!r}")
+        if solve_method not in ("auto", "primal", "dual"):
+            raise ValueError(f"solve_method must be 'auto', 'primal' or 'dual', got {solve_method!r}")
+        self.model = model
+        self.mode = mode
+        self.damping = float(damping)
+        self.signal_damping = float(signal_damping)
+        self.relative_damping = damping_scale == "relative"
+        self.weight_decay = float(weight_decay)
+        self.solve_method = solve_method
+        self.layers = self._collect_layers(model)
+        self._stats: dict[str, dict] = {}
+        self._pending: dict[torch.Tensor, torch.Tensor] = {}
+        self._handles: list = []
+        self._forward_active = False
+        self._last_output: torch.Tensor | None = None
+        self._called: set[str] = set()
+        self._install()
+
+    # ----------------------------------------------------------------- attach
+    @staticmethod
+    def _collect_layers(model: nn.Module) -> list[_Layer]:
+        layers = []
+        for path, module in model.named_modules():
+            path = path or type(model).__name__
+            has_children = next(module.children(), None) is not None
+            if has_children:
+                own = [n for n, _ in module.named_parameters(recurse=False)]
+                if own:
+                    raise UnsupportedModuleError(
+                        f"module {path!r} ({type(module).__name__}) holds parameters {own} itself besides "
+                        "submodules: its forward is unknown to back-matching"
+                    )
+                continue
+            layers.append(_Layer(path, module, rule_for(module, path)))
+        if not layers:
+            raise UnsupportedModuleError("the model has no modules to attach to")
+        return layers
+
+    def _install(self) -> None:
+        hooks = self._handles
+        hooks.append(self.model.register_forward_pre_hook(self._model_begin))
+        hooks.append(self.model.register_forward_hook(self._model_end))
+        for layer in self.layers:
+            hooks.append(layer.module.register_forward_pre_hook(functools.partial(self._before, layer)))
+            hooks.append(layer.module.register_forward_hook(functools.partial(self._after, layer)))
+            if self.mode != "bp":
+                for name, param in layer.module.named_parameters(recurse=False):
+                    if param.requires_grad:
+                        hooks.append(param.register_hook(functools.partial(self._param_grad, layer, name, param)))
+
+    def detach(self) -> None:
+        """Remove every hook: the model behaves exactly as before :func:`attach`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._pending.clear()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # --------------------------------------------------------------- forward
+    def _model_begin(self, model, args):
+        self._forward_active = torch.is_grad_enabled()
+        self._called.clear()
+        self._last_output = args[0] if len(args) == 1 and isinstance(args[0], torch.Tensor) else None
+
+    def _model_end(self, model, args, output):
+        if not self._forward_active:
+            return None
+        self._forward_active = False
+        last = self._last_output
+        if isinstance(output, torch.Tensor) and output.requires_grad and (
+                last is None or _root(output) is not _root(last)):
+            raise GraphError(
+                f"the model's output is not the output of its last module ({self._last_path()}): "
+                "an operation after it is outside back-matching; move it into the loss"
+            )
+        return None
+
+    def _last_path(self) -> str:
+        called = [layer.path for layer in self.layers if layer.path in self._called]
+        return repr(called[-1]) if called else "none ran"
+
+    def _before(self, layer: _Layer, module, args):
+        if not torch.is_grad_enabled():
+            return None
+        if not self._forward_active:
+            raise GraphError(f"layer {layer.path!r} ran outside a forward pass of the attached model")
+        if len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            raise GraphError(f"layer {layer.path!r} must take exactly one tensor input")
+        if layer.path in self._called:
+            raise GraphError(
+                f"layer {layer.path!r} ran twice in one forward pass: shared weights are not supported"
+            )
+        x = args[0]
+        first = not self._called
+        chained = self._last_output is not None and _root(x) is _root(self._last_output)
+        if not chained and not (first and not x.requires_grad):
+            raise GraphError(
+                f"layer {layer.path!r} ({type(module).__name__}) does not take the output of the previous "
+                f"module ({self._last_path()}): work between supported modules (a functional call, a residual "
+                "branch) has no back-matching rule"
+            )
+        self._called.add(layer.path)
+        call = _Call(layer, x)
+        layer.call = call
+        if layer.rule.has_weights or layer.rule.needs_output_signal:
+            _check_finite(x, "input", layer)
+        if getattr(module, "inplace", False):
+            x = x.clone()  # the in-place op then writes to our copy, never to a tapped view
+        if self.mode == "exact" and layer.rule.changes_signal and x.requires_grad:
+            x = _SignalTap.apply(x, self, call)
+        return (x,)
+
+    def _after(self, layer: _Layer, module, args, output):
+        if not torch.is_grad_enabled():
+            return None
+        rule = layer.rule
+        needs_tap = (self.mode != "bp" and (rule.has_weights or rule.needs_output_signal)
+                     and output.requires_grad)
+        if needs_tap:
+            output = _OutputTap.apply(output, self, layer.call)
+        self._last_output = output
+        return output
+
+    # -------------------------------------------------------------- backward
+    def _output_signal(self, call: _Call, grad: torch.Tensor) -> None:
+        layer = call.layer
+        _check_finite(grad, "signal arriving at the output", layer)
+        call.grad_output = grad
+        rule, module = layer.rule, layer.module
+        if rule.has_weights:
+            self._solve_weights(call, grad)
+        elif rule.needs_output_signal and getattr(module, "weight", None) is not None:
+            self._solve_affine(call, grad)
+
+    def _solve_weights(self, call: _Call, grad: torch.Tensor) -> None:
+        layer = call.layer
+        rule, module = layer.rule, layer.module
+        a = call.input.detach()
+        rows = rule.input_rows(module, a)
+        signals = rule.signal_rows(module, grad)
+        plain = signals.T @ rows  # g_W (eq. 7/21): the signals already carry the loss's 1/B
+        call.plain_grads = rule.unflatten(module, plain)
+        total = plain + self.weight_decay * rule.flat_weight(module).detach() if self.weight_decay else plain
+        batch = a.shape[0] if a.dim() > 1 else 1
+        dual_ok = not self.weight_decay
+        solved, info = solver.min_norm_solve(
+            rows, signals if dual_ok else None, total, batch, self.damping, self.relative_damping,
+            self.solve_method if dual_ok else "primal", layer.path)
+        for name, value in rule.unflatten(module, solved).items():
+            self._pending[getattr(module, name)] = value
+        col_sq = rule.column_sq_norms(module, a)
+        self._stats[layer.path] = {
+            "layer": layer.path, "kind": type(module).__name__, "d": rows.shape[1], "outputs": signals.shape[1],
+            "samples": rows.shape[0], "batch": batch, "path": info.path, "rank": info.rank,
+            "condition": info.condition, "residual": info.residual, "damping": info.damping,
+            "amplification": signal_amplification(col_sq, self.signal_damping), "fallback": info.fallback,
+        }
+
+    def _solve_affine(self, call: _Call, grad: torch.Tensor) -> None:
+        layer = call.layer
+        module = layer.module
+        a = call.input.detach()
+        solved, call.plain_grads = layer.rule.affine_gradients(module, a, grad, self.weight_decay)
+        for name, value in solved.items():
+            self._pending[getattr(module, name)] = value
+
+    def _input_signal(self, call: _Call, grad: torch.Tensor) -> torch.Tensor:
+        layer = call.layer
+        result = layer.rule.signal(layer.module, call.input.detach(), grad, call.grad_output, self.signal_damping)
+        _check_finite(result, "back-matched input signal", layer)
+        return result
+
+    def _param_grad(self, layer: _Layer, name: str, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        solved = self._pending.pop(param, None)
+        call = getattr(layer, "call", None)
+        ours = call.plain_grads.get(name) if call is not None else None
+        if solved is None or ours is None:
+            raise GraphError(
+                f"layer {layer.path!r}: parameter {name!r} received a gradient that did not pass through the "
+                "layer's output (used outside its module?)"
+            )
+        gap = torch.linalg.vector_norm(grad - ours)
+        scale = torch.maximum(torch.linalg.vector_norm(grad), torch.linalg.vector_norm(ours))
+        if bool(gap > 1e-3 * scale + torch.finfo(grad.dtype).tiny):
+            raise GraphError(
+                f"layer {layer.path!r}: parameter {name!r} received a gradient from outside its module "
+                f"(autograd's differs from the layer's own by {float(gap / scale):.2e} relative); add penalties "
+                "through attach(weight_decay=...) instead"
+            )
+        return solved
+
+    # ------------------------------------------------------------ diagnostics
+    def stats(self) -> list[dict]:
+        """Per weight layer, in network order, what the last backward pass did.
+
+        Keys: ``layer`` (module path), ``kind``, ``d`` (inputs per output, bias
+        included), ``outputs``, ``samples`` (N = batch x locations), ``batch``,
+        ``path`` (cholesky / eigh / dual-cholesky / dual-eigh / diagonal), ``rank``,
+        ``condition`` (estimate), ``residual`` (relative residual of the normal
+        equations), ``damping`` (absolute λ), ``amplification`` (largest
+        mean/own squared column norm), ``fallback`` (non-empty when a
+        factorization failed and was retried).
+        """
+        return [self._stats[layer.path] for layer in self.layers if layer.path in self._stats]
+
+
+def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_damping: float = 0.0,
+           damping_scale: str = "relative", weight_decay: float = 0.0, solve_method: str = "auto") -> Engine:
+    """Make ``loss.backward()`` on ``model`` compute back-matching propagation.
+
+    mode: ``"bp"`` (hooks attached, values unchanged), ``"exact"`` (back-matched
+    signals flow down and every weight gets ``g_W · G⁺``), ``"exact_weights"``
+    (exact weight solves on ordinary backprop signals).
+    damping: λ in ``g_W (G + λI)⁻¹``; relative to ``mean(diag G)`` unless
+    ``damping_scale="absolute"``. signal_damping: μ in the signal denominators
+    ``‖J_{:,j}‖² + μ·mean_j ‖J_{:,j}‖²``. weight_decay: added to ``g_W`` before the
+    solve (then give the optimizer weight_decay=0). solve_method: ``"auto"``
+    picks the N x N dual form when samples N < d; ``"primal"`` / ``"dual"`` force one.
+
+    Returns the :class:`Engine`; ``engine.detach()`` (or leaving a ``with`` block) removes it.
+    """
+    return Engine(model, mode, damping, signal_damping, damping_scale, weight_decay, solve_method)

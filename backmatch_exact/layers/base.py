@@ -1,0 +1,110 @@
+"""What every layer rule shares.
+
+Notation (used by every file in this package): a layer maps its input ``a`` to
+its output ``b``; ``g_b`` is the signal arriving at the output and ``g_a`` the
+one it sends down. Plain backprop sends ``g_a = Jᵀ g_b``. Back-matching (eq. 11)
+lets every input unit j match the output signal on its own, which gives
+
+    g'_a_j = (Jᵀ g_b)_j / ‖J_{:,j}‖²          (0 where ‖J_{:,j}‖ = 0)
+
+for any layer that is linear (or piecewise linear) in its input: the backprop
+signal divided by the squared norm of the Jacobian's column j. Linear (eq. 12),
+Conv2d (eq. 22), pooling, ReLU (eq. 30), LeakyReLU and Dropout are all this one
+rule and only say how to compute ``‖J_{:,j}‖²`` (``column_sq_norms``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def divide_by_column_sq_norms(signal: torch.Tensor, col_sq: torch.Tensor, signal_damping: float) -> torch.Tensor:
+    """``signal / (col_sq + μ·mean(col_sq))``, and 0 where the denominator is 0 (min-norm)."""
+    if signal_damping:
+        col_sq = col_sq + signal_damping * col_sq.mean()
+    nonzero = col_sq > 0
+    return torch.where(nonzero, signal / torch.where(nonzero, col_sq, torch.ones_like(col_sq)), 0.0)
+
+
+def signal_amplification(col_sq: torch.Tensor, signal_damping: float = 0.0) -> float:
+    """Largest ``mean/own`` ratio of the (damped) squared column norms, over units with a non-zero one.
+
+    1 when every unit's outgoing weights have the same norm (the row-homogeneity
+    that Algorithm 1 assumes); large when some unit's outgoing weights are tiny,
+    which is what makes undamped exact back-matching blow signals up.
+    """
+    if signal_damping:
+        col_sq = col_sq + signal_damping * col_sq.mean()
+    nonzero = col_sq[col_sq > 0]
+    if nonzero.numel() == 0:
+        return 0.0
+    return float(col_sq.mean() / nonzero.min())
+
+
+class LayerRule:
+    """The backward rules of one module type. Stateless: the engine passes the module and saved tensors.
+
+    Subclasses set the class flags and override what differs from plain backprop.
+    """
+
+    #: the layer holds weights whose gradient is replaced by a least-squares solve
+    has_weights = False
+    #: the signal rule changes the backprop signal (False: back-matching equals backprop here)
+    changes_signal = True
+    #: signal damping μ applies to this layer's denominators (eq. 12/22, pooling)
+    damped = False
+    #: the signal rule needs the signal at the layer's output, not only ``Jᵀ g_b``
+    needs_output_signal = False
+
+    def check(self, module: nn.Module, path: str) -> None:
+        """Raise ``UnsupportedModuleError`` for a configuration the rule does not handle."""
+
+    def column_sq_norms(self, module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        """``‖J_{:,j}‖²`` for every input unit, broadcastable to ``a``."""
+        raise NotImplementedError
+
+    def signal(self, module, a, grad_input, grad_output, signal_damping: float) -> torch.Tensor:
+        """Back-matched input signal ``g'_a`` from the backprop one ``grad_input = Jᵀ g'_b``."""
+        mu = signal_damping if self.damped else 0.0
+        return divide_by_column_sq_norms(grad_input, self.column_sq_norms(module, a), mu)
+
+
+class WeightRule(LayerRule):
+    """A layer ``b = W·ã`` per sample and location (Linear, Conv2d in its im2col view, eq. 19).
+
+    Subclasses say how to lay the input out as rows ``A`` (N x d, a ones column
+    for the bias) and the output signal as rows ``S`` (N x n); the solve itself
+    lives in ``solver.min_norm_solve``.
+    """
+
+    has_weights = True
+    damped = True
+
+    def input_rows(self, module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        """A: one row per (sample, location), the input the weights see there (+1 for a bias)."""
+        raise NotImplementedError
+
+    def signal_rows(self, module: nn.Module, g_b: torch.Tensor) -> torch.Tensor:
+        """S: one row per (sample, location), the signal at the outputs there."""
+        raise NotImplementedError
+
+    def flat_weight(self, module: nn.Module) -> torch.Tensor:
+        """``W̃ = [W c]`` as an n x d matrix, in the column order of ``input_rows``."""
+        w = module.weight.reshape(module.weight.shape[0], -1)
+        if module.bias is not None:
+            w = torch.cat([w, module.bias[:, None]], dim=1)
+        return w
+
+    def unflatten(self, module: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split an n x d matrix laid out like ``flat_weight`` back into per-parameter gradients."""
+        k = module.weight[0].numel()
+        grads = {"weight": flat[:, :k].reshape(module.weight.shape)}
+        if module.bias is not None:
+            grads["bias"] = flat[:, k]
+        return grads
+
+
+def append_ones_column(rows: torch.Tensor) -> torch.Tensor:
+    """``[A 1]``: the bias is a weight on a constant input 1."""
+    return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)

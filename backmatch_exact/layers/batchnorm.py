@@ -1,0 +1,71 @@
+"""nn.BatchNorm1d / BatchNorm2d: ``b = γ (a - E[a]) / σ + β`` per unit (channel), eq. 24.
+
+``σ = sqrt(Var[a] + eps)`` with the biased batch variance in training mode (the
+running variance in eval mode) and the layer's own eps.
+
+* backprop:      g_a = (γ/σ)·g_b + the batch-statistics coupling terms of eq. 25
+* back-matching: g'_a = g_b · σ / γ      (eq. 26: each unit matches its signal on its
+                 own, so the coupling terms are dropped; γ = 1 without affine; γ = 0 gives 0)
+                 g'_γ = g_γ / G_γ,  g'_β = g_β / G_β  — the per-channel least squares of
+                 ``b = γ x̂ + β`` decouples because E[x̂] = 0; with the conv convention (mean over
+                 samples, sum over the L locations) G_γ = Σ_u E[x̂²] and G_β = L.
+"""
+
+import torch
+from torch import nn
+
+from .base import LayerRule
+
+
+def _channel_view(t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-channel vector to broadcast against ``a`` (channels on dim 1)."""
+    return t.reshape((1, -1) + (1,) * (a.dim() - 2))
+
+
+def _reduce_dims(a: torch.Tensor) -> list[int]:
+    return [0] + list(range(2, a.dim()))
+
+
+def batch_std(module: nn.modules.batchnorm._BatchNorm, a: torch.Tensor) -> torch.Tensor:
+    """σ per channel, exactly as the layer normalized this batch."""
+    a = a.detach()
+    uses_batch_stats = module.training or module.running_var is None
+    var = a.var(dim=_reduce_dims(a), unbiased=False) if uses_batch_stats else module.running_var
+    return torch.sqrt(var + module.eps)
+
+
+def normalized(module, a: torch.Tensor) -> torch.Tensor:
+    """x̂ = (a - mean) / σ, as the layer computed it."""
+    a = a.detach()
+    uses_batch_stats = module.training or module.running_mean is None
+    mean = a.mean(dim=_reduce_dims(a)) if uses_batch_stats else module.running_mean
+    return (a - _channel_view(mean, a)) / _channel_view(batch_std(module, a), a)
+
+
+class BatchNormRule(LayerRule):
+    needs_output_signal = True
+
+    def signal(self, module, a, grad_input, grad_output, signal_damping):
+        scale = batch_std(module, a)  # eq. 26
+        if module.weight is not None:
+            gamma = module.weight.detach()
+            nonzero = gamma != 0
+            scale = torch.where(nonzero, scale / torch.where(nonzero, gamma, torch.ones_like(gamma)), 0.0)
+        return grad_output * _channel_view(scale, a)
+
+    def affine_gradients(self, module, a, grad_output, weight_decay: float):
+        """``(back-matched, plain)`` gradients of γ and β.
+
+        Back-matched: the per-channel 2x2 least squares, diagonal since E[x̂] = 0.
+        Plain: autograd's ``g_γ, g_β``, which the engine uses to cross-check.
+        """
+        x_hat = normalized(module, a)
+        dims = _reduce_dims(a)
+        plain = {"weight": (grad_output * x_hat).sum(dim=dims), "bias": grad_output.sum(dim=dims)}
+        g_gamma = plain["weight"] + weight_decay * module.weight.detach()
+        g_beta = plain["bias"] + weight_decay * module.bias.detach()
+        gram_gamma = (x_hat * x_hat).sum(dim=dims) / a.shape[0]
+        nonzero = gram_gamma > 0
+        gamma = torch.where(nonzero, g_gamma / torch.where(nonzero, gram_gamma, torch.ones_like(gram_gamma)), 0.0)
+        locations = a[0, 0].numel() if a.dim() > 2 else 1
+        return {"weight": gamma, "bias": g_beta / locations}, plain

@@ -1,0 +1,26 @@
+"""nn.Linear: ``b = W a + c`` (eq. 5).
+
+* backprop:      g_a = Wᵀ g_b,              g_W = E[g_b ãᵀ] (autograd's, signals carry 1/B)
+* back-matching: g'_a_j = g_a_j / ‖w_j‖²   (eq. 12/14, w_j = column j of W)
+                 g'_W = g_W · G⁺,  G = E[ã ãᵀ]   (eq. 13/15, bias as weight on a constant 1)
+
+Inputs with extra leading dimensions (B, ..., in) count every position as a
+location: mean over the B samples, sum over positions, as for Conv2d.
+"""
+
+import torch
+from torch import nn
+
+from .base import WeightRule, append_ones_column
+
+
+class LinearRule(WeightRule):
+    def column_sq_norms(self, module: nn.Linear, a: torch.Tensor) -> torch.Tensor:
+        return (module.weight.detach() ** 2).sum(dim=0)  # eq. 12: w_jᵀ w_j
+
+    def input_rows(self, module: nn.Linear, a: torch.Tensor) -> torch.Tensor:
+        rows = a.reshape(-1, module.in_features)
+        return append_ones_column(rows) if module.bias is not None else rows
+
+    def signal_rows(self, module: nn.Linear, g_b: torch.Tensor) -> torch.Tensor:
+        return g_b.reshape(-1, module.out_features)

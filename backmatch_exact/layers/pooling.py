@@ -1,0 +1,82 @@
+"""Pooling layers. Output unit k reads a window of inputs; n_j windows read input j.
+
+MaxPool2d — output k copies one input (the maximum), so J has 0/1 entries:
+* backprop:      g_a_j = Σ_{k selects j} g_b_k
+* back-matching: g'_a_j = mean_{k selects j} g_b_k   (0 if no window selects j); identical
+                 to backprop when windows do not overlap.
+
+AvgPool2d / AdaptiveAvgPool2d — b_k = Σ_{j∈k} a_j / |K_k|:
+* backprop:      g_a_j = Σ_{k∋j} g_b_k / |K_k|
+* back-matching: g'_a_j = g_a_j / Σ_{k∋j} |K_k|⁻²   (= |K|·Σ_{k∋j} g_b_k / n_j for equal windows)
+
+Both are ``g_a / ‖J_{:,j}‖²``; only the column norms differ.
+"""
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnsupportedModuleError
+from .base import LayerRule
+
+
+class MaxPool2dRule(LayerRule):
+    damped = True
+
+    def check(self, module: nn.MaxPool2d, path: str) -> None:
+        if module.return_indices:
+            raise UnsupportedModuleError(f"layer {path!r} (MaxPool2d): return_indices=True is not supported")
+
+    def column_sq_norms(self, module: nn.MaxPool2d, a: torch.Tensor) -> torch.Tensor:
+        # ‖J_{:,j}‖² = how many windows select input j; depends on the data
+        _, index = F.max_pool2d(a.detach(), module.kernel_size, module.stride, module.padding, module.dilation,
+                                module.ceil_mode, return_indices=True)
+        flat = a.new_zeros(a.shape[:-2] + (a.shape[-2] * a.shape[-1],))
+        flat.scatter_add_(-1, index.flatten(-2), torch.ones_like(index.flatten(-2), dtype=a.dtype))
+        return flat.view_as(a)
+
+
+class AvgPool2dRule(LayerRule):
+    damped = True
+
+    def column_sq_norms(self, module: nn.AvgPool2d, a: torch.Tensor) -> torch.Tensor:
+        return _avg_pool_col_sq(module, tuple(a.shape[-2:]), a.dtype, a.device)
+
+
+class AdaptiveAvgPool2dRule(LayerRule):
+    damped = True
+
+    def column_sq_norms(self, module: nn.AdaptiveAvgPool2d, a: torch.Tensor) -> torch.Tensor:
+        height, width = a.shape[-2:]
+        out = module.output_size if isinstance(module.output_size, tuple) else (module.output_size,) * 2
+        out_h, out_w = (n if o is None else o for o, n in zip(out, (height, width)))
+        rows = _adaptive_col_sq(height, out_h)
+        cols = _adaptive_col_sq(width, out_w)
+        return torch.tensor(rows, dtype=a.dtype, device=a.device)[:, None] * torch.tensor(
+            cols, dtype=a.dtype, device=a.device)[None, :]
+
+
+def _adaptive_col_sq(size: int, out: int) -> list[float]:
+    """Σ over the adaptive windows containing each input position of 1/|window|², along one axis."""
+    col_sq = [0.0] * size
+    for i in range(out):
+        start, end = (i * size) // out, math.ceil((i + 1) * size / out)
+        for j in range(start, end):
+            col_sq[j] += 1.0 / (end - start) ** 2
+    return col_sq
+
+
+def _avg_pool_col_sq(module: nn.AvgPool2d, shape, dtype, device) -> torch.Tensor:
+    """Σ_{k∋j} J_kj² for one channel. Every window's non-zero entries are equal, 1/divisor_k."""
+    ones = torch.ones((1, 1) + shape, dtype=dtype, device=device, requires_grad=True)
+    args = (module.kernel_size, module.stride, module.padding, module.ceil_mode)
+    with torch.enable_grad():
+        row_sums = F.avg_pool2d(ones, *args, module.count_include_pad, module.divisor_override)
+        # inputs inside each window that are real (not padding): the sum with divisor 1
+        members = F.avg_pool2d(ones.detach(), *args, True, 1)
+        entry = row_sums.detach() / members  # the value of J_kj for j in window k
+        (col_sq,) = torch.autograd.grad(row_sums, ones, entry)
+    return col_sq[0, 0]
