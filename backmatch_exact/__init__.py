@@ -7,11 +7,11 @@
     engine.detach()
 """
 
-from . import models
+from . import models, optim
 from .engine import MODES, Engine, attach
 from .errors import BackMatchError, GraphError, NonFiniteError, SolveError, UnsupportedModuleError
 
 __version__ = "0.1.0"
 
-__all__ = ["attach", "Engine", "MODES", "models", "BackMatchError", "GraphError", "NonFiniteError",
+__all__ = ["attach", "Engine", "MODES", "models", "optim", "BackMatchError", "GraphError", "NonFiniteError",
            "SolveError", "UnsupportedModuleError"]

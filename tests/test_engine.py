@@ -1,0 +1,332 @@
+"""The engine as a whole: modes, detach, whole-network identities, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import backmatch_exact as bm
+
+
+def _batch(n=8, channels=3, seed=0, device="cpu", dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, 32, 32, generator=gen, dtype=dtype).to(device)
+    y = torch.randint(0, 10, (n,), generator=gen).to(device)
+    return x, y
+
+
+def _grads(model, x, y, reduction="mean", **attach_args):
+    model.zero_grad()
+    if attach_args:
+        with bm.attach(model, **attach_args):
+            F.cross_entropy(model(x), y, reduction=reduction).backward()
+    else:
+        F.cross_entropy(model(x), y, reduction=reduction).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _lenet(seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    return bm.models.lenet_bn().double().to(device)
+
+
+@pytest.mark.parametrize("make", [lambda: bm.models.lenet_bn(), lambda: bm.models.vgg_bn(11)])
+def test_bp_mode_equals_autograd(make):
+    torch.manual_seed(0)
+    model = make().double()
+    x, y = _batch(4)
+    plain = _grads(model, x, y)
+    attached = _grads(model, x, y, mode="bp")
+    assert plain.keys() == attached.keys()
+    for name in plain:
+        assert torch.equal(plain[name], attached[name]), name
+
+
+def test_detach_restores_plain_backprop():
+    model = _lenet()
+    x, y = _batch()
+    plain = _grads(model, x, y)
+    engine = bm.attach(model, mode="exact")
+    F.cross_entropy(model(x), y).backward()
+    engine.detach()
+    after = _grads(model, x, y)
+    for name in plain:
+        assert torch.equal(plain[name], after[name]), name
+
+
+def test_exact_differs_from_backprop_and_is_finite():
+    model = _lenet()
+    x, y = _batch()
+    plain = _grads(model, x, y)
+    exact = _grads(model, x, y, mode="exact")
+    for name in plain:
+        assert torch.isfinite(exact[name]).all()
+        assert not torch.allclose(plain[name], exact[name]), name
+
+
+def _capture_layer_signals(model):
+    """Record each weight layer's input and the signal that reaches its output, independently of the engine."""
+    seen = {}
+
+    def hook(name, module, args, output):
+        entry = {"input": args[0].detach()}
+        output.register_hook(lambda g: entry.__setitem__("signal", g.detach()))
+        seen[name] = entry
+
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(n, mod, a, o))
+               for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return seen, handles
+
+
+@pytest.mark.parametrize("mode", ["exact", "exact_weights"])
+def test_whole_network_normal_equations(mode):
+    """Every weight layer's g'_W solves g'_W G = g_W for the signal it received, and is minimum-norm."""
+    model = _lenet()
+    x, y = _batch(16)
+    engine = bm.attach(model, mode=mode)
+    seen, handles = _capture_layer_signals(model)  # registered after attach: sees the tapped outputs
+    F.cross_entropy(model(x), y).backward()
+    for h in handles:
+        h.remove()
+    engine.detach()
+    for name, entry in seen.items():
+        module = getattr(model, name)
+        a, s = entry["input"], entry["signal"]
+        if isinstance(module, nn.Conv2d):
+            rows = F.unfold(a, module.kernel_size).transpose(1, 2).reshape(-1, module.weight[0].numel())
+            sig = s.flatten(2).transpose(1, 2).reshape(-1, module.out_channels)
+        else:
+            rows, sig = a, s
+        gram = rows.T @ rows / a.shape[0]
+        g_w = sig.T @ rows
+        solved = module.weight.grad.reshape(module.out_channels if isinstance(module, nn.Conv2d)
+                                            else module.out_features, -1)
+        assert torch.allclose(solved @ gram, g_w, rtol=1e-8, atol=1e-10 * g_w.abs().max()), name
+        # minimum norm: no component in the null space of G
+        evals, evecs = torch.linalg.eigh(gram)
+        null = evecs[:, evals < 1e-10 * evals.max()]
+        assert torch.linalg.matrix_norm(solved @ null) <= 1e-8 * torch.linalg.matrix_norm(solved), name
+        if name == "fc1":  # batch 16 < 400 inputs: G is singular, the null space is not empty
+            assert null.shape[1] == 400 - 16
+
+
+def test_exact_mode_sends_back_matched_signals_down():
+    """In exact mode the signal reaching fc2 differs from backprop's; in exact_weights it is backprop's."""
+    model = _lenet()
+    x, y = _batch(16)
+    signals = {}
+    for mode in ("bp", "exact", "exact_weights"):
+        engine = bm.attach(model, mode=mode)
+        seen, handles = _capture_layer_signals(model)
+        F.cross_entropy(model(x), y).backward()
+        for h in handles:
+            h.remove()
+        engine.detach()
+        signals[mode] = seen["fc2"]["signal"]
+    assert torch.allclose(signals["bp"], signals["exact_weights"])
+    assert not torch.allclose(signals["bp"], signals["exact"])
+
+
+def test_mean_vs_sum_loss_scales_like_the_gradient():
+    model = _lenet()
+    x, y = _batch(8)
+    mean = _grads(model, x, y, "mean", mode="exact")
+    total = _grads(model, x, y, "sum", mode="exact")
+    for name in mean:
+        assert torch.allclose(total[name], 8 * mean[name], rtol=1e-8), name
+
+
+@pytest.mark.parametrize("mode", ["exact", "exact_weights"])
+def test_duplicating_the_batch_leaves_the_answer_unchanged(mode):
+    model = _lenet()
+    x, y = _batch(8)
+    once = _grads(model, x, y, mode=mode)
+    twice = _grads(model, torch.cat([x, x]), torch.cat([y, y]), mode=mode)
+    for name in once:
+        assert torch.allclose(once[name], twice[name], rtol=1e-7, atol=1e-12), name
+
+
+def test_weight_decay_is_added_before_the_solve():
+    model = _lenet()
+    x, y = _batch(16)
+    wd = 0.1
+    with_wd = _grads(model, x, y, mode="exact_weights", weight_decay=wd)
+    engine = bm.attach(model, mode="exact_weights")
+    seen, handles = _capture_layer_signals(model)
+    F.cross_entropy(model(x), y).backward()
+    for h in handles:
+        h.remove()
+    engine.detach()
+    a, s = seen["fc3"]["input"], seen["fc3"]["signal"]
+    gram = a.T @ a / a.shape[0]
+    expected = (s.T @ a + wd * model.fc3.weight.detach()) @ torch.linalg.pinv(gram, hermitian=True)
+    assert torch.allclose(with_wd["fc3.weight"], expected, rtol=1e-7, atol=1e-10)
+
+
+def test_stats_report_every_weight_layer():
+    model = _lenet()
+    x, y = _batch(16)
+    with bm.attach(model, mode="exact") as engine:
+        F.cross_entropy(model(x), y).backward()
+        stats = engine.stats()
+    assert [s["layer"] for s in stats] == ["cv1", "cv2", "fc1", "fc2", "fc3"]
+    by_name = {s["layer"]: s for s in stats}
+    assert by_name["fc1"]["d"] == 400 and by_name["fc1"]["samples"] == 16
+    assert by_name["fc1"]["path"].startswith("dual") and by_name["fc1"]["rank"] == 16
+    assert by_name["cv1"]["samples"] == 16 * 28 * 28 and by_name["cv1"]["path"] == "cholesky"
+    for s in stats:
+        assert s["residual"] < 1e-10
+        assert s["amplification"] >= 1.0
+        assert s["condition"] >= 1.0
+
+
+def test_no_grad_forward_is_untouched():
+    model = _lenet()
+    x, _ = _batch(4)
+    with bm.attach(model, mode="exact"), torch.no_grad():
+        out = model(x)
+    model.eval()
+    with torch.no_grad():
+        assert out.shape == model(x).shape
+
+
+def test_inplace_relu_is_supported():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(inplace=True), nn.Linear(4, 3)).double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    plain = _grads_generic(model, x)
+    with bm.attach(model, mode="bp"):
+        assert all(torch.equal(a, b) for a, b in zip(plain, _grads_generic(model, x)))
+    with bm.attach(model, mode="exact"):
+        grads = _grads_generic(model, x)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def _grads_generic(model, x):
+    model.zero_grad()
+    model(x).square().sum().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+# ------------------------------------------------------------------ bad input
+def test_unsupported_module_is_named_at_attach():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Tanh()), nn.Linear(4, 2))
+    with pytest.raises(bm.UnsupportedModuleError, match=r"'1\.0'.*Tanh"):
+        bm.attach(model)
+
+
+def test_grouped_conv_is_refused():
+    with pytest.raises(bm.UnsupportedModuleError, match="groups=2"):
+        bm.attach(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)))
+
+
+def test_parameters_outside_leaf_modules_are_refused():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(3, 3)
+            self.scale = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return self.inner(x) * self.scale
+
+    with pytest.raises(bm.UnsupportedModuleError, match="scale"):
+        bm.attach(Scaled())
+
+
+@pytest.mark.parametrize("mode", ["exact", "bp"])
+def test_nan_input_is_a_clear_error(mode):
+    model = _lenet()
+    x, y = _batch(4)
+    x[1, 0, 3, 3] = float("nan")
+    with bm.attach(model, mode=mode):
+        with pytest.raises(bm.NonFiniteError, match="cv1.*NaN"):
+            F.cross_entropy(model(x), y).backward()
+
+
+def test_wrong_mode_and_arguments():
+    model = _lenet()
+    with pytest.raises(ValueError, match="mode"):
+        bm.attach(model, mode="exactly")
+    with pytest.raises(ValueError, match="damping"):
+        bm.attach(model, damping=-1.0)
+    with pytest.raises(ValueError, match="signal_damping"):
+        bm.attach(model, signal_damping=float("nan"))
+    with pytest.raises(ValueError, match="damping_scale"):
+        bm.attach(model, damping_scale="huge")
+
+
+class _Functional(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.fc1, self.fc2, self.op = nn.Linear(4, 4), nn.Linear(4, 2), op
+
+    def forward(self, x):
+        return self.fc2(self.op(self.fc1(x), x))
+
+
+@pytest.mark.parametrize("op", [lambda h, x: torch.tanh(h), lambda h, x: h + x],
+                         ids=["functional-call", "residual"])
+def test_work_between_modules_is_detected(op):
+    model = _Functional(op)
+    with bm.attach(model, mode="exact"):
+        with pytest.raises(bm.GraphError, match="fc2"):
+            model(torch.randn(3, 4, requires_grad=True)).sum().backward()
+
+
+def test_functional_after_last_module_is_detected():
+    class Tail(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return F.log_softmax(self.fc(x), dim=1)
+
+    with bm.attach(Tail(), mode="exact") as engine:
+        with pytest.raises(bm.GraphError, match="output"):
+            engine.model(torch.randn(2, 4))
+
+
+def test_views_between_modules_are_allowed():
+    class Viewing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 2, 3), nn.Linear(2 * 3 * 3, 2)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.conv(x), 1))
+
+    model = Viewing().double()
+    with bm.attach(model, mode="exact"):
+        model(torch.randn(4, 1, 5, 5, dtype=torch.float64)).sum().backward()
+    assert torch.isfinite(model.conv.weight.grad).all()
+
+
+def test_shared_module_is_detected():
+    fc = nn.Linear(3, 3)
+    model = nn.Sequential(fc, nn.ReLU(), fc)
+    with bm.attach(model, mode="exact"):
+        with pytest.raises(bm.GraphError, match="twice"):
+            model(torch.randn(2, 3))
+
+
+def test_gradient_from_outside_the_module_is_detected():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    with bm.attach(model, mode="exact"):
+        loss = model(torch.randn(5, 3, dtype=torch.float64)).sum() + model[0].weight.square().sum()
+        with pytest.raises(bm.GraphError, match="outside"):
+            loss.backward()
+
+
+def test_exact_mode_on_device(device):
+    model = _lenet(device=device).float()
+    x, y = _batch(32, device=device, dtype=torch.float32)
+    reference = _grads(model.double().cpu(), x.double().cpu(), y.cpu(), mode="exact")
+    model = model.float().to(device)
+    result = _grads(model, x, y, mode="exact")
+    for name in reference:
+        got = result[name].double().cpu()
+        assert torch.isfinite(got).all(), name
+        rel = (got - reference[name]).norm() / reference[name].norm()
+        assert rel < 1e-3, (name, float(rel))
