@@ -26,11 +26,12 @@ import torch
 from torch import nn
 
 from . import solver
+from .approx import ApproxFactors, algorithm1
 from .errors import BackMatchError, GraphError, NonFiniteError, UnsupportedModuleError
 from .layers import LayerRule, rule_for
 from .layers.base import signal_amplification
 
-MODES = ("bp", "exact", "exact_weights")
+MODES = ("bp", "exact", "exact_weights", "approx")
 
 
 @dataclasses.dataclass
@@ -47,8 +48,10 @@ class _Call:
 
     layer: _Layer
     input: torch.Tensor
+    output_shape: tuple = ()
     grad_output: torch.Tensor | None = None
     plain_grads: dict = dataclasses.field(default_factory=dict)  # autograd's g_W, to cross-check
+    approx: ApproxFactors | None = None  # Algorithm 1's factors, set when the forward pass ends
 
 
 class _SignalTap(torch.autograd.Function):
@@ -118,7 +121,7 @@ class Engine:
         self._handles: list = []
         self._forward_active = False
         self._last_output: torch.Tensor | None = None
-        self._called: set[str] = set()
+        self._calls: list[_Call] = []  # this forward pass's module calls, in execution order
         self._install()
 
     # ----------------------------------------------------------------- attach
@@ -169,7 +172,7 @@ class Engine:
     # --------------------------------------------------------------- forward
     def _model_begin(self, model, args):
         self._forward_active = torch.is_grad_enabled()
-        self._called.clear()
+        self._calls = []
         self._last_output = args[0] if len(args) == 1 and isinstance(args[0], torch.Tensor) else None
 
     def _model_end(self, model, args, output):
@@ -183,11 +186,27 @@ class Engine:
                 f"the model's output is not the output of its last module ({self._last_path()}): "
                 "an operation after it is outside back-matching; move it into the loss"
             )
+        if self.mode == "approx":
+            self._approx_factors()
         return None
 
+    def _approx_factors(self) -> None:
+        calls = self._calls
+        chain = [(c.layer.path, c.layer.module, c.layer.rule, tuple(c.input.shape), c.output_shape) for c in calls]
+        for call, factors in zip(calls, algorithm1(chain)):
+            call.approx = factors
+            layer = call.layer
+            if layer.rule.has_weights or factors.ratio != 1.0:
+                self._stats[layer.path] = {
+                    "layer": layer.path, "kind": type(layer.module).__name__, "m": factors.backward_factor,
+                    "s": factors.sharing_factor, "r": factors.ratio,
+                    "c": (call.input.shape[-2] * call.input.shape[-1] / factors.sharing_factor
+                          if isinstance(layer.module, nn.Conv2d) else 1.0),
+                    "scale": 1.0 / (factors.backward_factor * factors.sharing_factor),
+                }
+
     def _last_path(self) -> str:
-        called = [layer.path for layer in self.layers if layer.path in self._called]
-        return repr(called[-1]) if called else "none ran"
+        return repr(self._calls[-1].layer.path) if self._calls else "none ran"
 
     def _before(self, layer: _Layer, module, args):
         if not torch.is_grad_enabled():
@@ -196,12 +215,12 @@ class Engine:
             raise GraphError(f"layer {layer.path!r} ran outside a forward pass of the attached model")
         if len(args) != 1 or not isinstance(args[0], torch.Tensor):
             raise GraphError(f"layer {layer.path!r} must take exactly one tensor input")
-        if layer.path in self._called:
+        if any(c.layer is layer for c in self._calls):
             raise GraphError(
                 f"layer {layer.path!r} ran twice in one forward pass: shared weights are not supported"
             )
         x = args[0]
-        first = not self._called
+        first = not self._calls
         chained = self._last_output is not None and _root(x) is _root(self._last_output)
         if not chained and not (first and not x.requires_grad):
             raise GraphError(
@@ -209,14 +228,14 @@ class Engine:
                 f"module ({self._last_path()}): work between supported modules (a functional call, a residual "
                 "branch) has no back-matching rule"
             )
-        self._called.add(layer.path)
         call = _Call(layer, x)
+        self._calls.append(call)
         layer.call = call
         if layer.rule.has_weights or layer.rule.needs_output_signal:
             _check_finite(x, "input", layer)
         if getattr(module, "inplace", False):
             x = x.clone()  # the in-place op then writes to our copy, never to a tapped view
-        if self.mode == "exact" and layer.rule.changes_signal and x.requires_grad:
+        if self.mode in ("exact", "approx") and layer.rule.changes_signal and x.requires_grad:
             x = _SignalTap.apply(x, self, call)
         return (x,)
 
@@ -224,7 +243,8 @@ class Engine:
         if not torch.is_grad_enabled():
             return None
         rule = layer.rule
-        needs_tap = (self.mode != "bp" and (rule.has_weights or rule.needs_output_signal)
+        layer.call.output_shape = tuple(output.shape)
+        needs_tap = (self.mode in ("exact", "exact_weights") and (rule.has_weights or rule.needs_output_signal)
                      and output.requires_grad)
         if needs_tap:
             output = _OutputTap.apply(output, self, layer.call)
@@ -276,11 +296,21 @@ class Engine:
 
     def _input_signal(self, call: _Call, grad: torch.Tensor) -> torch.Tensor:
         layer = call.layer
+        if self.mode == "approx":
+            ratio = call.approx.ratio
+            return grad if ratio == 1.0 else grad / ratio  # g'_a ≈ g_a / r
         result = layer.rule.signal(layer.module, call.input.detach(), grad, call.grad_output, self.signal_damping)
         _check_finite(result, "back-matched input signal", layer)
         return result
 
     def _param_grad(self, layer: _Layer, name: str, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        if self.mode == "approx":
+            # the signals arriving were already divided by m, so autograd's grad is g_W / m
+            factors = layer.call.approx
+            scaled = grad / factors.sharing_factor
+            if self.weight_decay:
+                scaled = scaled + (self.weight_decay / (factors.backward_factor * factors.sharing_factor)) * param
+            return scaled
         solved = self._pending.pop(param, None)
         call = getattr(layer, "call", None)
         ours = call.plain_grads.get(name) if call is not None else None
@@ -303,13 +333,18 @@ class Engine:
     def stats(self) -> list[dict]:
         """Per weight layer, in network order, what the last backward pass did.
 
-        Keys: ``layer`` (module path), ``kind``, ``d`` (inputs per output, bias
-        included), ``outputs``, ``samples`` (N = batch x locations), ``batch``,
-        ``path`` (cholesky / eigh / dual-cholesky / dual-eigh / diagonal), ``rank``,
-        ``condition`` (estimate), ``residual`` (relative residual of the normal
-        equations), ``damping`` (absolute λ), ``amplification`` (largest
-        mean/own squared column norm), ``fallback`` (non-empty when a
-        factorization failed and was retried).
+        Exact modes, per weight layer: ``layer`` (module path), ``kind``, ``d``
+        (inputs per output, bias included), ``outputs``, ``samples`` (N = batch x
+        locations), ``batch``, ``path`` (cholesky / eigh / dual-cholesky /
+        dual-eigh), ``rank``, ``condition`` (estimate), ``residual`` (relative
+        residual of the normal equations), ``damping`` (absolute λ),
+        ``amplification`` (largest mean/own squared column norm), ``fallback``
+        (non-empty when a factorization failed and was retried).
+
+        Approx mode, per weight layer and per layer whose ratio is not 1:
+        ``layer``, ``kind``, ``m`` (backward factor at the output), ``s``
+        (sharing factor), ``c`` (conv factor), ``r`` (ratio g_a / g'_a) and
+        ``scale`` = 1/(m·s), the factor applied to the weight gradient.
         """
         return [self._stats[layer.path] for layer in self.layers if layer.path in self._stats]
 
@@ -320,7 +355,8 @@ def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_d
 
     mode: ``"bp"`` (hooks attached, values unchanged), ``"exact"`` (back-matched
     signals flow down and every weight gets ``g_W · G⁺``), ``"exact_weights"``
-    (exact weight solves on ordinary backprop signals).
+    (exact weight solves on ordinary backprop signals), ``"approx"`` (Algorithm
+    1: every weight gets ``(g_W + wd·W) / (m·s)`` from weights alone).
     damping: λ in ``g_W (G + λI)⁻¹``; relative to ``mean(diag G)`` unless
     ``damping_scale="absolute"``. signal_damping: μ in the signal denominators
     ``‖J_{:,j}‖² + μ·mean_j ‖J_{:,j}‖²``. weight_decay: added to ``g_W`` before the

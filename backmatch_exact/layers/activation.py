@@ -5,6 +5,7 @@
 
 ReLU: d ∈ {0, 1}, so back-matching equals backprop (eq. 31).
 LeakyReLU with slope α: d = α on the negative side, so g'_a = g_b / α there.
+Approximate (Algorithm 1): r = 1 for ReLU and LeakyReLU (the paper's eq. 31 rule), 1/(1-p)² for Dropout.
 Dropout (training): d ∈ {0, 1/(1-p)}, so g'_a = (1-p)·g_b on kept units; in eval it is the identity.
 """
 
@@ -29,3 +30,7 @@ class DropoutRule(LayerRule):
         # dropped units already carry a zero backprop signal, so one constant covers both cases
         keep = 1.0 - module.p if module.training else 1.0
         return a.new_tensor(1.0 / keep ** 2 if keep > 0 else 0.0)
+
+    def approx_ratio(self, module: nn.Dropout, place) -> float:
+        keep = 1.0 - module.p if module.training else 1.0
+        return 1.0 / keep ** 2 if keep > 0 else 1.0  # exact here: the Jacobian is a constant on kept units

@@ -15,6 +15,8 @@ rule and only say how to compute ``‖J_{:,j}‖²`` (``column_sq_norms``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -68,6 +70,35 @@ class LayerRule:
         """Back-matched input signal ``g'_a`` from the backprop one ``grad_input = Jᵀ g'_b``."""
         mu = signal_damping if self.damped else 0.0
         return divide_by_column_sq_norms(grad_input, self.column_sq_norms(module, a), mu)
+
+    def approx_ratio(self, module: nn.Module, place: "ApproxPlace") -> float:
+        """Algorithm 1's ratio ``r = g_a / g'_a``, from weights and shapes alone (1: same as backprop)."""
+        return 1.0
+
+
+@dataclasses.dataclass
+class ApproxPlace:
+    """Where a layer sits, as far as Algorithm 1 needs to know.
+
+    input_shape: the layer's input shape in this forward pass.
+    sharing: s, for a Conv2d the spatial locations of its output after any pooling
+        before the next weight layer (1 for other layers).
+    producer: for a BatchNorm, the weight layer whose output it normalizes.
+    """
+
+    input_shape: tuple
+    sharing: float = 1.0
+    producer: nn.Module | None = None
+
+
+def mean_sq_row_norm(weight: torch.Tensor) -> float:
+    """‖W‖²_{2,µ}: mean over output units (rows of W_row) of the squared row norm."""
+    return float(weight.detach().square().sum()) / weight.shape[0]
+
+
+def mean_sq_column_norm(weight: torch.Tensor) -> float:
+    """‖Wᵀ‖²_{2,µ} (‖W_col‖²_{2,µ} for a conv): mean over input channels of the squared norm of their weights."""
+    return float(weight.detach().square().sum()) / weight.shape[1]
 
 
 class WeightRule(LayerRule):

@@ -9,12 +9,16 @@ running variance in eval mode) and the layer's own eps.
                  g'_γ = g_γ / G_γ,  g'_β = g_β / G_β  — the per-channel least squares of
                  ``b = γ x̂ + β`` decouples because E[x̂] = 0; with the conv convention (mean over
                  samples, sum over the L locations) G_γ = Σ_u E[x̂²] and G_β = L.
+* approximate:   Var[a] ≈ ‖W‖²_{2,µ} of the weight layer that produced a (row homogeneity with
+                 normalized inputs), so r = g_a / g'_a = γ²/σ² ≈ mean(γ²) / ‖W‖²_{2,µ}   (eq. 36;
+                 γ = 1 without affine)
 """
 
 import torch
 from torch import nn
 
-from .base import LayerRule
+from ..errors import UnsupportedModuleError
+from .base import LayerRule, mean_sq_row_norm
 
 
 def _channel_view(t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -44,6 +48,15 @@ def normalized(module, a: torch.Tensor) -> torch.Tensor:
 
 class BatchNormRule(LayerRule):
     needs_output_signal = True
+
+    def approx_ratio(self, module, place) -> float:
+        if place.producer is None:
+            raise UnsupportedModuleError(
+                f"{type(module).__name__} with no weight layer before it: Algorithm 1 estimates its variance "
+                "from the weights of the layer that feeds it"
+            )
+        gamma_sq = float(module.weight.detach().square().mean()) if module.weight is not None else 1.0
+        return gamma_sq / mean_sq_row_norm(place.producer.weight)  # eq. 36
 
     def signal(self, module, a, grad_input, grad_output, signal_damping):
         scale = batch_std(module, a)  # eq. 26

@@ -6,7 +6,10 @@
                  g'_W_row = g_W_row · G⁺,  G = E[Σ_u a_i2c(u) a_i2c(u)ᵀ]  (eq. 23; mean over
                  samples, sum over output locations u)
 
-``c`` is one backward pass of a ones tensor through the layer with W squared,
+* approximate:   G ≈ s·I with s the sharing factor (eq. 33), and c(j,p) ≈ ‖W_col‖²_{2,µ} / c with
+                 c = (input locations) / s, so r = g_a / g'_a = ‖W_col‖²_{2,µ} / c   (eq. 35)
+
+``c(j,p)`` is one backward pass of a ones tensor through the layer with W squared,
 and does not depend on the data.
 """
 
@@ -15,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModuleError
-from .base import WeightRule, append_ones_column
+from .base import WeightRule, append_ones_column, mean_sq_column_norm
 
 
 def _int_padding(module: nn.Conv2d) -> tuple[int, int]:
@@ -64,6 +67,10 @@ class Conv2dRule(WeightRule):
 
     def signal_rows(self, module: nn.Conv2d, g_b: torch.Tensor) -> torch.Tensor:
         return g_b.flatten(2).transpose(1, 2).reshape(-1, module.out_channels)
+
+    def approx_ratio(self, module: nn.Conv2d, place) -> float:
+        input_locations = place.input_shape[-2] * place.input_shape[-1]
+        return mean_sq_column_norm(module.weight) * place.sharing / input_locations  # eq. 35
 
 
 def _check_4d(module, a):

@@ -3,6 +3,7 @@
 * backprop:      g_a = Wᵀ g_b,              g_W = E[g_b ãᵀ] (autograd's, signals carry 1/B)
 * back-matching: g'_a_j = g_a_j / ‖w_j‖²   (eq. 12/14, w_j = column j of W)
                  g'_W = g_W · G⁺,  G = E[ã ãᵀ]   (eq. 13/15, bias as weight on a constant 1)
+* approximate:   G ≈ I, ‖w_j‖² ≈ ‖Wᵀ‖²_{2,µ} (row homogeneity), so r = g_a / g'_a = ‖Wᵀ‖²_{2,µ}  (eq. 32/34)
 
 Inputs with extra leading dimensions (B, ..., in) count every position as a
 location: mean over the B samples, sum over positions, as for Conv2d.
@@ -11,7 +12,7 @@ location: mean over the B samples, sum over positions, as for Conv2d.
 import torch
 from torch import nn
 
-from .base import WeightRule, append_ones_column
+from .base import WeightRule, append_ones_column, mean_sq_column_norm
 
 
 class LinearRule(WeightRule):
@@ -24,3 +25,6 @@ class LinearRule(WeightRule):
 
     def signal_rows(self, module: nn.Linear, g_b: torch.Tensor) -> torch.Tensor:
         return g_b.reshape(-1, module.out_features)
+
+    def approx_ratio(self, module: nn.Linear, place) -> float:
+        return mean_sq_column_norm(module.weight)  # eq. 34

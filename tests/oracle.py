@@ -1,0 +1,177 @@
+"""An independent float64 reference for the back-matching layer rules.
+
+Nothing here imports ``backmatch_exact``: every quantity is rebuilt from dense
+matrices obtained with ``torch.func.jacrev`` (or written out by hand for the
+rules that are not Jacobian column norms: BatchNorm, dropout in training mode)
+and solved with numpy in float64.
+
+Conventions (one layer, input ``a`` -> output ``b``, output signal ``R = g_b``):
+
+* signal rule: per sample, with ``J`` the dense Jacobian of that sample's output
+  w.r.t. that sample's input, ``g'_a_j = (Jᵀ R)_j / (‖J[:, j]‖² + μ·mean‖J[:, ·]‖²)``,
+  0 where the denominator is 0; the mean runs over every input unit of the batch.
+* weight rule: rows of ``A`` are the Jacobian of output channel 0 at each
+  (sample, location) w.r.t. the weight row ``W[0]`` (and ``bias[0]``), rows of
+  ``S`` the output signal there; ``g'_W = B · lstsq(A, S)ᵀ`` (minimum norm), or
+  ``g_W (G + λI)⁻¹`` with ``g_W = Sᵀ A`` and ``G = AᵀA / B`` when damped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev
+
+
+def to_np(t) -> np.ndarray:
+    if isinstance(t, torch.Tensor):
+        return t.detach().to(torch.float64).cpu().numpy()
+    return np.asarray(t, dtype=np.float64)
+
+
+# ------------------------------------------------------------------ signal rule
+
+def input_jacobians(fn, x: torch.Tensor) -> list[np.ndarray]:
+    """Per sample i the dense Jacobian of ``fn(x[i:i+1])[0]`` w.r.t. ``x[i]``, as (outputs, inputs) arrays."""
+    x = x.detach().to(torch.float64)
+    jacs = []
+    for i in range(x.shape[0]):
+        xi = x[i].clone()
+        jac = jacrev(lambda z: fn(z.unsqueeze(0)).squeeze(0))(xi)
+        jacs.append(to_np(jac).reshape(-1, xi.numel()))
+    return jacs
+
+
+def diagonal_jacobians(diag) -> list[np.ndarray]:
+    """Per sample a diagonal Jacobian with the given (B, ...) diagonal values."""
+    diag = to_np(diag)
+    return [np.diag(d.reshape(-1)) for d in diag]
+
+
+def signal_from_jacobians(jacs: list[np.ndarray], R, mu: float = 0.0) -> np.ndarray:
+    """``g'_a`` (shape (B, inputs)) from per-sample Jacobians and the output signal R."""
+    r = to_np(R).reshape(len(jacs), -1)
+    col_sq = np.stack([(j * j).sum(axis=0) for j in jacs])  # (B, inputs): ‖J[:, j]‖² per sample
+    backprop = np.stack([j.T @ ri for j, ri in zip(jacs, r)])
+    den = col_sq + mu * col_sq.mean() if mu else col_sq
+    ok = den > 0
+    return np.where(ok, backprop / np.where(ok, den, 1.0), 0.0)
+
+
+def signal_oracle(module: nn.Module, x: torch.Tensor, R, mu: float = 0.0) -> np.ndarray:
+    """Back-matched input signal of a (piecewise) linear, sample-independent module (eval-mode dropout ok)."""
+    if isinstance(module, nn.Dropout) and module.training:
+        raise ValueError("train-mode dropout is random: use dropout_train_signal_oracle with the forward output")
+    jacs = input_jacobians(module, x)
+    return signal_from_jacobians(jacs, R, mu).reshape(tuple(x.shape))
+
+
+def dropout_train_signal_oracle(x: torch.Tensor, out: torch.Tensor, p: float, R) -> np.ndarray:
+    """Training-mode dropout, built from the forward output: the Jacobian diagonal is 0 or 1/(1-p)."""
+    kept = to_np(out) != 0
+    scale = 1.0 / (1.0 - p) if p < 1 else 0.0
+    jacs = diagonal_jacobians(np.where(kept, scale, 0.0))
+    return signal_from_jacobians(jacs, R).reshape(tuple(x.shape))
+
+
+def backprop_signal(module: nn.Module, x: torch.Tensor, R) -> np.ndarray:
+    """Plain ``Jᵀ R`` per sample from the dense Jacobians (for the exact_weights mode)."""
+    jacs = input_jacobians(module, x)
+    r = to_np(R).reshape(len(jacs), -1)
+    return np.stack([j.T @ ri for j, ri in zip(jacs, r)]).reshape(tuple(x.shape))
+
+
+# ------------------------------------------------------------------ weight rule
+
+def _channel_dim(module: nn.Module) -> int:
+    return 1 if isinstance(module, nn.Conv2d) else -1
+
+
+def weight_rows(module: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """A: per (sample, output location) the Jacobian of output channel 0 w.r.t. W[0] (then bias[0])."""
+    x = x.detach().to(torch.float64)
+    params = {name: p.detach().to(torch.float64) for name, p in module.named_parameters()}
+    dim = _channel_dim(module)
+
+    def channel0(p):
+        return functional_call(module, p, (x,)).select(dim, 0)
+
+    n_rows = channel0(params).numel()
+    jac = jacrev(channel0)(params)  # name -> channel0 shape + param shape
+    w_shape = tuple(params["weight"].shape)
+    cols = [to_np(jac["weight"]).reshape((n_rows,) + w_shape)[:, 0].reshape(n_rows, -1)]
+    if "bias" in params:
+        cols.append(to_np(jac["bias"]).reshape(n_rows, -1)[:, :1])
+    return np.concatenate(cols, axis=1)
+
+
+def signal_rows(module: nn.Module, R) -> np.ndarray:
+    """S: per (sample, output location) the signal at the n outputs, in the row order of ``weight_rows``."""
+    r = to_np(R)
+    n = r.shape[_channel_dim(module)]
+    if isinstance(module, nn.Conv2d):
+        r = np.moveaxis(r, 1, -1)
+    return r.reshape(-1, n)
+
+
+def split_flat(module: nn.Module, flat: np.ndarray) -> dict[str, np.ndarray]:
+    """[W | bias] (n x d) -> {"weight": ..., "bias": ...} shaped like the parameters."""
+    k = module.weight[0].numel()
+    out = {"weight": flat[:, :k].reshape(tuple(module.weight.shape))}
+    if getattr(module, "bias", None) is not None:
+        out["bias"] = flat[:, k]
+    return out
+
+
+def batch_size(x: torch.Tensor) -> int:
+    return x.shape[0]
+
+
+def weight_oracle(module: nn.Module, x: torch.Tensor, R, damping: float = 0.0,
+                  damping_scale: str = "relative") -> dict[str, np.ndarray]:
+    """Back-matched weight (and bias) gradients of a Linear / Conv2d layer."""
+    a = weight_rows(module, x)
+    s = signal_rows(module, R)
+    assert a.shape[0] == s.shape[0]
+    b = batch_size(x)
+    if damping == 0.0:
+        solution = np.linalg.lstsq(a, s, rcond=None)[0]  # (d, n), minimum norm
+        flat = b * solution.T
+    else:
+        gram = a.T @ a / b
+        lam = damping if damping_scale == "absolute" else damping * float(np.mean(np.diag(gram)))
+        g_w = s.T @ a
+        flat = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), g_w.T).T  # G symmetric
+    return split_flat(module, flat)
+
+
+def damping_lambda(module: nn.Module, x: torch.Tensor, damping: float, damping_scale: str) -> float:
+    a = weight_rows(module, x)
+    gram = a.T @ a / batch_size(x)
+    return damping if damping_scale == "absolute" else damping * float(np.mean(np.diag(gram)))
+
+
+# ------------------------------------------------------------------ batchnorm
+
+def batchnorm_oracle(module: nn.Module, x: torch.Tensor, R) -> dict[str, np.ndarray]:
+    """Training-mode BatchNorm: g'_a = R·σ/γ, g'_γ = Σ R x̂ / (Σ x̂² / B), g'_β = Σ R / L."""
+    a = to_np(x)
+    r = to_np(R)
+    dims = (0,) + tuple(range(2, a.ndim))
+    view = (1, -1) + (1,) * (a.ndim - 2)
+    mean = a.mean(axis=dims)
+    var = ((a - mean.reshape(view)) ** 2).mean(axis=dims)  # biased batch variance
+    sigma = np.sqrt(var + module.eps)
+    gamma = to_np(module.weight) if module.weight is not None else np.ones_like(sigma)
+    scale = np.where(gamma != 0, sigma / np.where(gamma != 0, gamma, 1.0), 0.0)
+    out = {"input": r * scale.reshape(view)}
+    if module.weight is not None:
+        x_hat = (a - mean.reshape(view)) / sigma.reshape(view)
+        b = a.shape[0]
+        locations = int(np.prod(a.shape[2:])) if a.ndim > 2 else 1
+        num = (r * x_hat).sum(axis=dims)
+        den = (x_hat * x_hat).sum(axis=dims) / b
+        out["weight"] = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+        out["bias"] = r.sum(axis=dims) / locations
+    return out
