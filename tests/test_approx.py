@@ -1,0 +1,183 @@
+"""Approx mode (Algorithm 1) against closed forms derived by hand, and its plumbing."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import backmatch_exact as bm
+
+
+def _sq_mu_rows(w):  # ‖W‖²_{2,µ}: mean squared row norm (W_row for a conv)
+    return float(w.detach().square().sum()) / w.shape[0]
+
+
+def _sq_mu_cols(w):  # ‖Wᵀ‖²_{2,µ} / ‖W_col‖²_{2,µ}: mean squared norm per input unit / channel
+    return float(w.detach().square().sum()) / w.shape[1]
+
+
+def _randomize(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * torch.rand(1, generator=gen).item() * 2)
+    return model
+
+
+def _grads(model, x, y, reduction="mean", **attach):
+    model.zero_grad()
+    engine = bm.attach(model, **attach) if attach else None
+    F.cross_entropy(model(x), y, reduction=reduction).backward()
+    stats = engine.stats() if engine else None
+    if engine:
+        engine.detach()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, stats
+
+
+def _data(n=16, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 3, 32, 32, generator=gen, dtype=torch.float64),
+            torch.randint(0, 10, (n,), generator=gen))
+
+
+def test_lenet_golden_closed_forms():
+    """The supplement's walk through LeNet-BN, written out for all five layers."""
+    model = _randomize(bm.models.lenet_bn().double())
+    x, y = _data()
+    plain, _ = _grads(model, x, y)
+    approx, _ = _grads(model, x, y, mode="approx")
+    fc3, fc2, fc1, cv2, cv1 = (model.fc3.weight, model.fc2.weight, model.fc1.weight, model.cv2.weight,
+                               model.cv1.weight)
+    expected = {
+        "fc3.weight": 1.0,
+        "fc2.weight": _sq_mu_rows(fc2) / _sq_mu_cols(fc3),
+        "fc1.weight": _sq_mu_rows(fc2) * _sq_mu_rows(fc1) / (_sq_mu_cols(fc3) * _sq_mu_cols(fc2)),
+        # s_cv2 = 25, c_cv2 = 1 (no conv above): g̃ = g / (m·25)
+        "cv2.weight": _sq_mu_rows(fc2) * _sq_mu_rows(fc1) * _sq_mu_rows(cv2)
+        / (25 * _sq_mu_cols(fc3) * _sq_mu_cols(fc2) * _sq_mu_cols(fc1)),
+        # the supplement's closed form: s_cv1 = 196 cancels against c_cv2 = 196/25
+        "cv1.weight": _sq_mu_rows(fc2) * _sq_mu_rows(fc1) * _sq_mu_rows(cv2) * _sq_mu_rows(cv1)
+        / (25 * _sq_mu_cols(fc3) * _sq_mu_cols(fc2) * _sq_mu_cols(fc1) * _sq_mu_cols(cv2)),
+    }
+    for name, factor in expected.items():
+        want = plain[name] * factor
+        assert torch.allclose(approx[name], want, rtol=1e-10, atol=0), name
+
+
+def test_vgg11_hand_expectations():
+    """VGG11 at 32x32: conv7 and conv8 sit at 2x2 with no pooling after conv7; by hand,
+    g̃ = g · ‖W_k‖²_{2,µ} / ‖W_cls‖²_{2,µ} for conv6, conv7 and conv8 (columns = rows = 512 channels)."""
+    model = _randomize(bm.models.vgg_bn(11).double(), seed=3)
+    x, y = _data(4)
+    plain, _ = _grads(model, x, y)
+    approx, stats = _grads(model, x, y, mode="approx")
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    cls = model.classifier.weight
+    assert torch.allclose(approx["classifier.weight"], plain["classifier.weight"], rtol=1e-12)
+    for name in convs[-3:]:
+        w = model.get_submodule(name).weight
+        factor = float(w.detach().square().sum()) / float(cls.detach().square().sum())
+        assert torch.allclose(approx[name + ".weight"], plain[name + ".weight"] * factor, rtol=1e-10), name
+    by_layer = {s["layer"]: s for s in stats}
+    assert by_layer[convs[-1]]["s"] == 1.0  # pooled to 1x1 before the classifier
+    assert by_layer[convs[-2]]["s"] == 4.0  # 2x2, no pooling before conv8
+    assert by_layer[convs[0]]["s"] == 16 * 16  # 32x32 pooled to 16x16
+
+
+def test_weight_decay_is_added_before_the_scaling():
+    model = _randomize(bm.models.lenet_bn().double())
+    x, y = _data()
+    plain, _ = _grads(model, x, y)
+    wd = 0.01
+    approx, stats = _grads(model, x, y, mode="approx", weight_decay=wd)
+    scale = {s["layer"] + ".weight": s["scale"] for s in stats if s["kind"] in ("Linear", "Conv2d")}
+    for name, p in model.named_parameters():
+        want = (plain[name] + wd * p.detach()) * scale[name]
+        assert torch.allclose(approx[name], want, rtol=1e-10), name
+
+
+def test_mean_vs_sum_loss_scaling():
+    model = _randomize(bm.models.lenet_bn().double())
+    x, y = _data(8)
+    mean, _ = _grads(model, x, y, "mean", mode="approx")
+    total, _ = _grads(model, x, y, "sum", mode="approx")
+    for name in mean:
+        assert torch.allclose(total[name], 8 * mean[name], rtol=1e-10), name
+
+
+def test_approx_signals_agree_with_weight_only_factors():
+    """The signal reaching each weight layer's output in approx mode is backprop's divided by m."""
+    model = _randomize(bm.models.lenet_bn().double())
+    x, y = _data()
+
+    def signals(**attach):
+        seen = {}
+        engine = bm.attach(model, **attach)
+        def record(name, output):
+            output.register_hook(lambda g: seen.__setitem__(name, g.detach()))
+
+        handles = [m.register_forward_hook(lambda mod, a, out, n=n: record(n, out))
+                   for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        F.cross_entropy(model(x), y).backward()
+        stats = engine.stats()
+        for h in handles:
+            h.remove()
+        engine.detach()
+        return seen, stats
+
+    bp, _ = signals(mode="bp")
+    approx, stats = signals(mode="approx")
+    m = {s["layer"]: s["m"] for s in stats}
+    for name in ("fc3", "fc2", "fc1", "cv2", "cv1"):
+        assert torch.allclose(approx[name], bp[name] / m[name], rtol=1e-10), name
+    assert m["fc3"] == 1.0
+
+
+def test_stats_expose_the_factors():
+    model = bm.models.lenet_bn().double()
+    x, y = _data()
+    _, stats = _grads(model, x, y, mode="approx")
+    by_layer = {s["layer"]: s for s in stats}
+    assert by_layer["cv1"]["s"] == 196 and by_layer["cv2"]["s"] == 25
+    assert by_layer["cv2"]["c"] == pytest.approx(196 / 25)
+    assert by_layer["fc1"]["s"] == 1
+    assert by_layer["bn3"]["r"] == pytest.approx(1 / _sq_mu_rows(model.fc1.weight))
+    for s in stats:
+        if "scale" in s:
+            assert s["scale"] == pytest.approx(1 / (s["m"] * s["s"]))
+
+
+def test_hidden_weight_layer_without_batchnorm_is_an_error():
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    with bm.attach(model, mode="approx"):
+        with pytest.raises(bm.UnsupportedModuleError, match=r"'0'.*BatchNorm"):
+            model(torch.randn(6, 4))
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+    lambda ps: torch.optim.Adam(ps, lr=1e-3),
+])
+def test_approx_drives_stock_optimizers(make_opt):
+    """The transformed .grad is all a stock optimizer sees: stepping on it equals stepping on g/(m·s)."""
+    torch.manual_seed(0)
+    model = bm.models.lenet_bn().double()
+    twin = bm.models.lenet_bn().double()
+    twin.load_state_dict(model.state_dict())
+    x, y = _data()
+    opt, twin_opt = make_opt(model.parameters()), make_opt(twin.parameters())
+    engine = bm.attach(model, mode="approx")
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        scale = {s["layer"] + ".weight": s["scale"] for s in engine.stats() if "scale" in s
+                 and s["kind"] in ("Linear", "Conv2d")}
+        opt.step()
+        twin_opt.zero_grad()
+        F.cross_entropy(twin(x), y).backward()
+        for name, p in twin.named_parameters():
+            p.grad.mul_(scale[name])
+        twin_opt.step()
+    engine.detach()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(p, q, rtol=1e-10, atol=1e-12), name
