@@ -60,6 +60,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=check)
 
+    from . import compare, train
+
+    p = sub.add_parser("compare", help="exact back-matching vs Algorithm 1 at checkpoints of a training run")
+    compare.add_arguments(p)
+    p.set_defaults(run=compare.main)
+
+    p = sub.add_parser("train", help="train with several optimizers on the same weights and batches")
+    train.add_arguments(p)
+    p.set_defaults(run=train.main)
+
+    from . import bench
+
+    p = sub.add_parser("bench", help="time a training step per engine mode, side by side; per-layer breakdown")
+    bench.add_arguments(p)
+    p.set_defaults(run=bench.main)
+
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 from torch import nn
 
-from . import solver
+from . import distributed, solver
 from .approx import ApproxFactors, algorithm1
 from .errors import BackMatchError, GraphError, NonFiniteError, UnsupportedModuleError
 from .layers import LayerRule, rule_for
@@ -52,6 +53,8 @@ class _Call:
     grad_output: torch.Tensor | None = None
     plain_grads: dict = dataclasses.field(default_factory=dict)  # autograd's g_W, to cross-check
     approx: ApproxFactors | None = None  # Algorithm 1's factors, set when the forward pass ends
+    node: object = None  # autograd node that made the module's output (exact modes): its weight gradient
+    node_token: object = None  # the conv fast path's current hook on that node (the others are stale)
 
 
 class _SignalTap(torch.autograd.Function):
@@ -77,7 +80,13 @@ class _OutputTap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.engine._output_signal(ctx.call, grad)
+        # the module's own backward node, read here and dropped after use: a reference to it kept from the
+        # forward pass would tie the call to the graph in a cycle Python's collector cannot see
+        ctx.call.node = ctx.next_functions[0][0]
+        try:
+            ctx.engine._output_signal(ctx.call, grad)
+        finally:
+            ctx.call.node = None
         return grad, None, None
 
 
@@ -85,8 +94,33 @@ def _root(t: torch.Tensor) -> torch.Tensor:
     return t._base if t._base is not None else t
 
 
-def _check_finite(t: torch.Tensor, what: str, layer: _Layer) -> None:
-    if not bool(torch.isfinite(t).all()):
+@functools.lru_cache(maxsize=None)
+def _approx_may_scale(rule_type) -> bool:
+    """Whether Algorithm 1 can give this rule a ratio other than 1 (else approx mode needs no signal tap)."""
+    return rule_type.approx_ratio is not LayerRule.approx_ratio
+
+
+class _Deferred:
+    """A statistic computed only when :meth:`Engine.stats` reads it."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+
+def _is_finite(t: torch.Tensor) -> bool:
+    # one pass instead of isfinite's several: a NaN or ±inf anywhere makes the sum non-finite (an
+    # overflowing sum of finite values only sends us to the exact test)
+    if t.is_floating_point() and math.isfinite(t.detach().sum()):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def _check_finite(t: torch.Tensor, what: str, layer: _Layer, comm=None) -> None:
+    if not _is_finite(t):
+        if comm is not None:  # torch.distributed: recorded; every rank raises together (distributed.py)
+            return comm.record_bad(layer, what)
         raise NonFiniteError(
             f"layer {layer.path!r} ({type(layer.module).__name__}): {what} of shape {tuple(t.shape)} "
             "contains NaN or infinity"
@@ -97,7 +131,8 @@ class Engine:
     """Back-matching propagation attached to a model. Create it with :func:`attach`."""
 
     def __init__(self, model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_damping: float = 0.0,
-                 damping_scale: str = "relative", weight_decay: float = 0.0, solve_method: str = "auto"):
+                 damping_scale: str = "relative", weight_decay: float = 0.0, solve_method: str = "auto",
+                 process_group=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for name, value in (("damping", damping), ("signal_damping", signal_damping),
@@ -108,6 +143,8 @@ class Engine:
             raise ValueError(f"damping_scale must be 'relative' or 'absolute', got {damping_scale!r}")
         if solve_method not in ("auto", "primal", "dual"):
             raise ValueError(f"solve_method must be 'auto', 'primal' or 'dual', got {solve_method!r}")
+        # torch.distributed (distributed.py): a DDP model is unwrapped to its .module; None when nothing is exchanged
+        model, self.distributed = distributed.setup(model, mode, process_group)
         self.model = model
         self.mode = mode
         self.damping = float(damping)
@@ -123,6 +160,8 @@ class Engine:
         self._last_output: torch.Tensor | None = None
         self._calls: list[_Call] = []  # this forward pass's module calls, in execution order
         self._install()
+        if self.distributed is not None:
+            self.distributed.install(self)
 
     # ----------------------------------------------------------------- attach
     @staticmethod
@@ -188,6 +227,11 @@ class Engine:
             )
         if self.mode == "approx":
             self._approx_factors()
+            # approx mode reads no input in backward but a weight layer's, and that only to name a NaN
+            # (_param_grad): let the others go now, as plain backprop would
+            for call in self._calls:
+                if not call.layer.rule.has_weights:
+                    call.input = None
         return None
 
     def _approx_factors(self) -> None:
@@ -231,12 +275,13 @@ class Engine:
         call = _Call(layer, x)
         self._calls.append(call)
         layer.call = call
-        if layer.rule.has_weights or layer.rule.needs_output_signal:
-            _check_finite(x, "input", layer)
+        if (layer.rule.has_weights or layer.rule.needs_output_signal) and self.mode != "approx":
+            _check_finite(x, "input", layer, self.distributed)  # approx mode: in _param_grad, only if needed
+        if x.requires_grad and layer.rule.changes_signal and (
+                self.mode == "exact" or self.mode == "approx" and _approx_may_scale(type(layer.rule))):
+            x = _SignalTap.apply(x, self, call)
         if getattr(module, "inplace", False):
             x = x.clone()  # the in-place op then writes to our copy, never to a tapped view
-        if self.mode in ("exact", "approx") and layer.rule.changes_signal and x.requires_grad:
-            x = _SignalTap.apply(x, self, call)
         return (x,)
 
     def _after(self, layer: _Layer, module, args, output):
@@ -253,6 +298,8 @@ class Engine:
 
     # -------------------------------------------------------------- backward
     def _output_signal(self, call: _Call, grad: torch.Tensor) -> None:
+        if self.distributed is not None:  # --- torch.distributed: solve with the ranks' averaged Grams (distributed.py)
+            return self.distributed.output_signal(self, call, grad)
         layer = call.layer
         _check_finite(grad, "signal arriving at the output", layer)
         call.grad_output = grad
@@ -263,6 +310,105 @@ class Engine:
             self._solve_affine(call, grad)
 
     def _solve_weights(self, call: _Call, grad: torch.Tensor) -> None:
+        """g'_W for one weight layer; ``solver.reference`` selects the plain path below it.
+
+        Fast path: the primal form gets ``AᵀA`` from the rule without forming A
+        (conv: kernel-row lags) and, for a Conv2d, takes autograd's own ``g_W`` (and
+        ``g_b``) from the convolution's backward node instead of recomputing ``Sᵀ A``:
+        the solve then runs in a hook on that node, before the parameters' hooks.
+        Autograd's per-node gradient doubles as the outside-use check (``_param_grad``).
+        The dual form (N < d) forms A and S, which are small there. Statistics stay
+        tensors until :meth:`stats` reads them (no host sync besides the Cholesky check).
+        """
+        if solver.reference:
+            return self._solve_weights_reference(call, grad)
+        layer = call.layer
+        rule, module = layer.rule, layer.module
+        timing = solver.timing
+        a = call.input.detach()
+        batch = a.shape[0] if a.dim() > 1 else 1
+        samples = rule.sample_rows(module, a)
+        d = module.weight[0].numel() + (module.bias is not None)
+        dual_ok = not self.weight_decay
+        method = self.solve_method if dual_ok else "primal"
+        # N < d: G is singular (Cholesky would fail and eigh cost d³), while the N x N kernel is full rank
+        dual = method == "dual" or (method == "auto" and samples < d)
+        if dual:
+            dtype = solver.solve_dtype(grad.dtype)
+            with timing.part(layer.path, "gram"):  # the N x N kernel AAᵀ
+                signals = rule.signal_rows(module, grad)
+                if isinstance(module, nn.Conv2d):  # from the pixel Gram, no im2col matrix
+                    kernel = rule.kernel(module, a, dtype)
+                    times_rows = functools.partial(rule.rows_product, module, a)
+                else:
+                    rows = rule.input_rows(module, a).to(dtype)
+                    kernel, times_rows = rows @ rows.T, rows.__rmatmul__
+            finish = functools.partial(self._dual_solve, call, kernel, times_rows, signals, a, samples, d, batch)
+        else:
+            with timing.part(layer.path, "gram"):
+                gram = rule.gram(module, a, solver.solve_dtype(grad.dtype)) / batch
+            finish = functools.partial(self._primal_solve, call, gram, a, samples, d, batch)
+        node = call.node
+        if isinstance(module, nn.Conv2d) and node is not None and node.name().startswith("ConvolutionBackward"):
+            # a graph kept for another backward (retain_graph) gets a new hook each time: only the newest acts
+            call.node_token = token = object()
+            node.register_hook(functools.partial(self._conv_node_grads, call, token, finish, a))
+            return None
+        with timing.part(layer.path, "weight_grad"):
+            plain = rule.weight_grad(module, a, grad)
+        call.plain_grads = rule.unflatten(module, plain)
+        finish(plain)
+
+    def _conv_node_grads(self, call: _Call, token, finish, a, grad_inputs, grad_outputs) -> None:
+        """Hook on a convolution's backward node: solve with autograd's own (g_W, g_b) of this call."""
+        if token is not call.node_token:
+            return None
+        layer = call.layer
+        module = layer.module
+        grad_w, grad_b = grad_inputs[1], grad_inputs[2]
+        has_bias = module.bias is not None
+        if grad_w is None and (not has_bias or grad_b is None):
+            return None  # no parameter gradient asked for (autograd.grad w.r.t. inputs only)
+        if grad_w is None or (has_bias and grad_b is None) or grad_w.dtype != module.weight.dtype:
+            with solver.timing.part(layer.path, "weight_grad"):
+                plain = layer.rule.weight_grad(module, a, grad_outputs[0])
+            call.plain_grads = layer.rule.unflatten(module, plain)
+        else:
+            flat = grad_w.reshape(grad_w.shape[0], -1)
+            plain = torch.cat([flat, grad_b[:, None]], 1) if has_bias else flat
+            call.plain_grads = {"weight": grad_w, "bias": grad_b} if has_bias else {"weight": grad_w}
+        finish(plain)
+        return None
+
+    def _dual_solve(self, call: _Call, kernel, times_rows, signals, a, samples, d, batch, plain) -> None:
+        solved, info = solver.kernel_solve(kernel, signals, plain, batch, times_rows, d, self.damping,
+                                           self.relative_damping, call.layer.path)
+        self._weights_solved(call, solved, info, a, samples, d, batch)
+
+    def _primal_solve(self, call: _Call, gram, a, samples, d, batch, plain) -> None:
+        layer = call.layer
+        rule, module = layer.rule, layer.module
+        total = plain + self.weight_decay * rule.flat_weight(module).detach() if self.weight_decay else plain
+        solved, info = solver.primal_solve(gram, total, self.damping, self.relative_damping, layer.path)
+        self._weights_solved(call, solved, info, a, samples, d, batch)
+
+    def _weights_solved(self, call: _Call, solved, info, a, samples, d, batch) -> None:
+        layer = call.layer
+        rule, module = layer.rule, layer.module
+        for name, value in rule.unflatten(module, solved).items():
+            self._pending[getattr(module, name)] = value
+        with solver.timing.part(layer.path, "column_norms"):
+            col_sq = rule.column_sq_norms(module, a)  # this step's weights; reduced only if stats() asks
+        amplification = _Deferred(functools.partial(signal_amplification, col_sq, self.signal_damping))
+        self._stats[layer.path] = {
+            "layer": layer.path, "kind": type(module).__name__, "d": d, "outputs": module.weight.shape[0],
+            "samples": samples, "batch": batch, "path": info.path, "rank": info.rank,
+            "condition": info.condition, "residual": info.residual, "damping": info.damping,
+            "amplification": amplification, "fallback": info.fallback,
+        }
+
+    def _solve_weights_reference(self, call: _Call, grad: torch.Tensor) -> None:
+        """The plain path: im2col rows A, g_W = Sᵀ A recomputed, :func:`solver.min_norm_solve`."""
         layer = call.layer
         rule, module = layer.rule, layer.module
         a = call.input.detach()
@@ -299,8 +445,9 @@ class Engine:
         if self.mode == "approx":
             ratio = call.approx.ratio
             return grad if ratio == 1.0 else grad / ratio  # g'_a ≈ g_a / r
-        result = layer.rule.signal(layer.module, call.input.detach(), grad, call.grad_output, self.signal_damping)
-        _check_finite(result, "back-matched input signal", layer)
+        with solver.timing.part(layer.path, "input_signal"):
+            result = layer.rule.signal(layer.module, call.input.detach(), grad, call.grad_output, self.signal_damping)
+            _check_finite(result, "back-matched input signal", layer, self.distributed)
         return result
 
     def _param_grad(self, layer: _Layer, name: str, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -310,6 +457,16 @@ class Engine:
             scaled = grad / factors.sharing_factor
             if self.weight_decay:
                 scaled = scaled + (self.weight_decay / (factors.backward_factor * factors.sharing_factor)) * param
+            call = layer.call
+            if not math.isfinite(scaled.sum()):
+                # approx mode checks the inputs here, not in the forward pass (which it keeps as cheap as plain
+                # backprop): a NaN or inf in a weight layer's input always reaches its g_W = Sᵀ A. Name the first
+                # layer (forward order) whose input went bad, as the forward check would have.
+                bad = next((c for c in self._calls if c.input is not None and not _is_finite(c.input)), None)
+                if bad is not None:
+                    _check_finite(bad.input, "input", bad.layer, self.distributed)
+            else:
+                call.input = None  # finite g_W: the input was finite; release it as plain backprop would
             return scaled
         solved = self._pending.pop(param, None)
         call = getattr(layer, "call", None)
@@ -319,8 +476,14 @@ class Engine:
                 f"layer {layer.path!r}: parameter {name!r} received a gradient that did not pass through the "
                 "layer's output (used outside its module?)"
             )
+        if grad is ours:  # autograd's gradient of this very call (conv fast path), nothing added outside
+            return solved
         gap = torch.linalg.vector_norm(grad - ours)
-        scale = torch.maximum(torch.linalg.vector_norm(grad), torch.linalg.vector_norm(ours))
+        # measured against the whole layer's gradient: a bias right before a BatchNorm has a gradient that is
+        # rounding noise in both computations, which must not read as a 100% difference
+        layer_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in
+                                                           call.plain_grads.values()]))
+        scale = torch.maximum(torch.linalg.vector_norm(grad), layer_norm)
         if bool(gap > 1e-3 * scale + torch.finfo(grad.dtype).tiny):
             raise GraphError(
                 f"layer {layer.path!r}: parameter {name!r} received a gradient from outside its module "
@@ -346,11 +509,19 @@ class Engine:
         (sharing factor), ``c`` (conv factor), ``r`` (ratio g_a / g'_a) and
         ``scale`` = 1/(m·s), the factor applied to the weight gradient.
         """
-        return [self._stats[layer.path] for layer in self.layers if layer.path in self._stats]
+        rows = [self._stats[layer.path] for layer in self.layers if layer.path in self._stats]
+        for row in rows:  # the fast path leaves some values as 0-d tensors or deferred: read them here, once
+            for key, value in row.items():
+                if isinstance(value, _Deferred):
+                    value = row[key] = value.fn()
+                if isinstance(value, torch.Tensor):
+                    row[key] = int(value) if key == "rank" else float(value)
+        return rows
 
 
 def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_damping: float = 0.0,
-           damping_scale: str = "relative", weight_decay: float = 0.0, solve_method: str = "auto") -> Engine:
+           damping_scale: str = "relative", weight_decay: float = 0.0, solve_method: str = "auto",
+           process_group=None) -> Engine:
     """Make ``loss.backward()`` on ``model`` compute back-matching propagation.
 
     mode: ``"bp"`` (hooks attached, values unchanged), ``"exact"`` (back-matched
@@ -362,7 +533,16 @@ def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_d
     ``‖J_{:,j}‖² + μ·mean_j ‖J_{:,j}‖²``. weight_decay: added to ``g_W`` before the
     solve (then give the optimizer weight_decay=0). solve_method: ``"auto"``
     picks the N x N dual form when samples N < d; ``"primal"`` / ``"dual"`` force one.
+    process_group: data parallelism over torch.distributed (``distributed.py``). A
+    ``DistributedDataParallel`` model is unwrapped (hooks on ``model.module``,
+    ``engine.model`` is that module) and exchanges over ``model.process_group``
+    unless a group is given. For a plain model, pass the group (e.g.
+    ``torch.distributed.group.WORLD``) and average ``p.grad`` over it yourself after
+    ``backward()``; with None a plain model is treated as single-process. In exact
+    modes the ranks average their Grams, and after the gradient average every rank
+    holds the single-process result on the concatenated batch (equal per-rank batch
+    sizes required). A bad value on any rank makes every rank raise.
 
     Returns the :class:`Engine`; ``engine.detach()`` (or leaving a ``with`` block) removes it.
     """
-    return Engine(model, mode, damping, signal_damping, damping_scale, weight_decay, solve_method)
+    return Engine(model, mode, damping, signal_damping, damping_scale, weight_decay, solve_method, process_group)

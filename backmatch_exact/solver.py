@@ -25,7 +25,9 @@ of a singular Gram "succeeds" with tiny pivots and returns garbage).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
 
 import torch
 
@@ -164,3 +166,205 @@ def min_norm_solve(
     return x.to(grad.dtype), info
 
 
+
+
+def gram_solve(
+    gram: torch.Tensor,
+    grad: torch.Tensor,
+    damping: float = 0.0,
+    relative_damping: bool = True,
+    layer: str = "",
+) -> tuple[torch.Tensor, SolveInfo]:
+    """Primal ``g'_W = grad · (G + λI)⁺`` from an already formed d x d Gram ``G``.
+
+    For callers that hold ``G`` but not the rows it came from (``distributed.py``
+    averages the ranks' Grams). Same damping, factorization and checks as the
+    primal branch of :func:`min_norm_solve`. Result has ``grad``'s dtype.
+    """
+    dtype = solve_dtype(grad.dtype)
+    g = grad.to(dtype)
+    matrix = gram.to(dtype)
+    d = matrix.shape[0]
+    lam = absolute_damping(torch.diagonal(matrix).sum() / d, damping, relative_damping)
+    if lam:
+        matrix = matrix.clone()
+        matrix.diagonal().add_(lam)
+    x, path, rank, condition, fallback = _factor_solve(matrix, g, layer)
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(f"layer {layer}: the back-matched weight gradient is not finite ({path} solve)")
+    scale = torch.linalg.vector_norm(g)
+    residual = float(torch.linalg.vector_norm(x @ matrix - g) / scale) if scale > 0 else 0.0
+    return x.to(grad.dtype), SolveInfo(path, d, rank, condition, lam, residual, fallback)
+
+
+# ------------------------------------------------------------------ fast path: timing, reference switch, primal solve
+
+#: True: the engine takes the plain reference path for weight layers (im2col rows, its own g_W = Sᵀ A,
+#: :func:`min_norm_solve`), the path every fast one is tested against (tests/test_fast_paths.py).
+reference = False
+
+
+class _Span:
+    __slots__ = ("timing", "key", "record", "start")
+
+    def __init__(self, timing: "Timing", key: tuple):
+        self.timing, self.key = timing, key
+
+    def __enter__(self):
+        if self.timing.sync is not None:
+            self.timing.sync()
+        self.record = torch.autograd.profiler.record_function("backmatch/" + "/".join(self.key))
+        self.record.__enter__()
+        self.start = self.timing.clock()
+        return self
+
+    def __exit__(self, *exc):
+        if self.timing.sync is not None:
+            self.timing.sync()
+        elapsed = self.timing.clock() - self.start
+        self.record.__exit__(*exc)
+        totals = self.timing.totals
+        totals[self.key] = totals.get(self.key, 0.0) + elapsed
+        return False
+
+
+class Timing:
+    """Wall-clock time of the parts of an exact step, per layer (``backmatch bench``'s breakdown).
+
+    Off by default, and then ``timing.part(layer, name)`` returns one shared no-op
+    context: an attribute test per use. :meth:`enable` turns it on; ``sync`` (e.g.
+    ``torch.cuda.synchronize``) runs at both ends of every span so that device work
+    is charged to the span that launched it, and each span is also a
+    ``torch.profiler`` range named ``backmatch/<layer>/<part>``. Parts: ``gram``
+    (forming AᵀA), ``weight_grad`` (g_W, and A and S for a dual solve, where
+    autograd's g_W is not taken), ``factor`` (Cholesky, or eigh when it fails its
+    check), ``solve`` (triangular solves, the one read-back, the residual), ``dual``
+    (the whole N x N solve), ``column_norms`` (‖J_{:,j}‖² for the statistics) and,
+    per layer of any kind, ``input_signal`` (its signal rule: for a weight layer the
+    column norms and the rescaling; with the finiteness check).
+    """
+
+    def __init__(self):
+        self.enabled = False
+        self.sync = None
+        self.clock = time.perf_counter
+        self.totals: dict[tuple, float] = {}
+        self.names: dict = {}
+
+    def enable(self, sync=None, names: dict | None = None, clock=time.perf_counter) -> None:
+        """Start timing (totals reset). ``names``: ``{id(module): path}`` for spans that name a module;
+        ``clock``: ``time.perf_counter`` (wall) or e.g. ``time.thread_time`` (CPU time of this thread,
+        robust on a shared machine when torch runs one thread)."""
+        self.enabled, self.sync, self.clock = True, sync, clock
+        self.names = dict(names or {})
+        self.totals = {}
+
+    def disable(self) -> None:
+        self.enabled, self.sync, self.names, self.clock = False, None, {}, time.perf_counter
+
+    def reset(self) -> None:
+        self.totals = {}
+
+    def part(self, layer, name: str):
+        """Context timing ``name`` for ``layer`` (a path, or a module known to :meth:`enable`)."""
+        if not self.enabled:
+            return _NULL_SPAN
+        if not isinstance(layer, str):
+            layer = self.names.get(id(layer), type(layer).__name__)
+        return _Span(self, (layer, name))
+
+
+_NULL_SPAN = contextlib.nullcontext()
+
+#: the module-wide timer the engine, the solver and the weight rules report to
+timing = Timing()
+
+
+def primal_solve(
+    gram: torch.Tensor,
+    grad: torch.Tensor,
+    damping: float = 0.0,
+    relative_damping: bool = True,
+    layer: str = "",
+) -> tuple[torch.Tensor, SolveInfo]:
+    """:func:`gram_solve` with one host sync and the statistics left as tensors.
+
+    ``gram``: ``G = AᵀA / B`` (d x d). The Cholesky factor, its solve and the
+    checks (factorization info, pivot condition, finite answer) run first and
+    are read back together; only a failed check leads to :func:`_factor_solve`'s
+    eigendecomposition. ``SolveInfo.condition`` and ``residual`` are 0-d tensors
+    (``Engine.stats`` converts them). Result has ``grad``'s dtype.
+    """
+    dtype = solve_dtype(grad.dtype)
+    g = grad.to(dtype)
+    matrix = gram.to(dtype)
+    d = matrix.shape[0]
+    lam = absolute_damping(torch.diagonal(matrix).sum() / d, damping, relative_damping) if damping else 0.0
+    if lam:
+        matrix = matrix.clone()
+        matrix.diagonal().add_(lam)
+    with timing.part(layer, "factor"):
+        chol, info = torch.linalg.cholesky_ex(matrix)
+        pivots = torch.diagonal(chol)
+        condition = (pivots.max() / pivots.min()) ** 2
+    with timing.part(layer, "solve"):
+        x = torch.cholesky_solve(g.T, chol).T
+        # one read-back for all three checks: a NaN or inf anywhere in x makes the second entry NaN
+        failed, cond = torch.stack([info.to(dtype), condition + 0.0 * x.sum()]).tolist()
+    path, rank, fallback = "cholesky", d, ""
+    if failed != 0 or not cond < max_cholesky_condition(dtype):
+        with timing.part(layer, "factor"):
+            x, path, rank, condition, fallback = _factor_solve(matrix, g, layer)
+        if not torch.isfinite(x).all():
+            raise NonFiniteError(f"layer {layer}: the back-matched weight gradient is not finite ({path} solve)")
+    with timing.part(layer, "solve"):  # (g = 0 gives x = 0 and a residual of 0, as in gram_solve)
+        residual = (torch.linalg.vector_norm(torch.addmm(g, x, matrix, beta=-1))
+                    / torch.linalg.vector_norm(g).clamp_min(torch.finfo(dtype).tiny))
+    return x.to(grad.dtype), SolveInfo(path, d, rank, condition, lam, residual, fallback)
+
+
+def kernel_solve(
+    kernel: torch.Tensor,
+    signals: torch.Tensor,
+    grad: torch.Tensor,
+    batch_size: int,
+    times_rows,
+    d: int,
+    damping: float = 0.0,
+    relative_damping: bool = True,
+    layer: str = "",
+) -> tuple[torch.Tensor, SolveInfo]:
+    """The dual form from the kernel ``K = AAᵀ`` (N x N) and a product ``times_rows(C) = C·A``.
+
+    With one host sync and the statistics as 0-d tensors. ``grad`` must be ``Sᵀ A``
+    (no weight decay); only its norm is read. λ comes from the kernel's trace
+    (``mean diag G = tr(K)/(B·d)``); the residual of the normal equations is
+    ``‖R A‖ / ‖g‖`` with ``R = C (K + λB·I) - Sᵀ``, which is ``x (G + λI) - g``.
+    ``kernel`` is overwritten. A Conv2d passes a kernel and a product that never
+    form the im2col matrix (``Conv2dRule.kernel`` / ``rows_product``).
+    """
+    n_rows = kernel.shape[0]
+    dtype = solve_dtype(grad.dtype)
+    kernel = kernel.to(dtype)
+    s = signals.to(dtype)
+    with timing.part(layer, "dual"):
+        lam = absolute_damping(torch.diagonal(kernel).sum() / (batch_size * d), damping, relative_damping) \
+            if damping else 0.0
+        if lam:
+            kernel.diagonal().add_(lam * batch_size)
+        chol, info = torch.linalg.cholesky_ex(kernel)
+        pivots = torch.diagonal(chol)
+        condition = (pivots.max() / pivots.min()) ** 2
+        coeffs = torch.cholesky_solve(s, chol).T  # Sᵀ K⁻¹
+        failed, cond = torch.stack([info.to(dtype), condition + 0.0 * coeffs.sum()]).tolist()
+        path, rank, fallback = "dual-cholesky", n_rows, ""
+        if failed != 0 or not cond < max_cholesky_condition(dtype):
+            coeffs, path, rank, condition, fallback = _factor_solve(kernel, s.T, layer)
+            path = "dual-" + path
+        x = batch_size * times_rows(coeffs)
+        if not torch.isfinite(x).all():
+            raise NonFiniteError(f"layer {layer}: the back-matched weight gradient is not finite ({path} solve)")
+        gap = times_rows(torch.addmm(s.T, coeffs, kernel, beta=-1))
+        residual = (torch.linalg.vector_norm(gap)
+                    / torch.linalg.vector_norm(grad.to(dtype)).clamp_min(torch.finfo(dtype).tiny))
+    return x.to(grad.dtype), SolveInfo(path, n_rows, rank, condition, lam, residual, fallback)

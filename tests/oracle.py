@@ -128,6 +128,25 @@ def batch_size(x: torch.Tensor) -> int:
     return x.shape[0]
 
 
+#: singular values of A below RCOND·σ_max are rounding noise of a zero one (lstsq's cut-off)
+RCOND = 1e-10
+
+
+def well_posed(module: nn.Module, x: torch.Tensor, noise: float = 1e-12, kept: float = 1e-3) -> bool:
+    """True when the undamped weight problem has a clear numerical rank.
+
+    Every singular value of A must be either rounding noise (< ``noise``·σ_max) or
+    comfortably non-zero (>= ``kept``·σ_max). Between the two, the answer depends on
+    where a solver cuts the rank, and a solver that factors ``G = AᵀA`` (condition
+    κ(A)²) legitimately loses digits: no float64 reference can demand 1e-8 there.
+    """
+    s = np.linalg.svd(weight_rows(module, x), compute_uv=False)
+    if s.size == 0 or s[0] == 0:
+        return True
+    r = s / s[0]
+    return bool(np.all((r < noise) | (r >= kept)))
+
+
 def weight_oracle(module: nn.Module, x: torch.Tensor, R, damping: float = 0.0,
                   damping_scale: str = "relative") -> dict[str, np.ndarray]:
     """Back-matched weight (and bias) gradients of a Linear / Conv2d layer."""
@@ -136,7 +155,7 @@ def weight_oracle(module: nn.Module, x: torch.Tensor, R, damping: float = 0.0,
     assert a.shape[0] == s.shape[0]
     b = batch_size(x)
     if damping == 0.0:
-        solution = np.linalg.lstsq(a, s, rcond=None)[0]  # (d, n), minimum norm
+        solution = np.linalg.lstsq(a, s, rcond=RCOND)[0]  # (d, n), minimum norm
         flat = b * solution.T
     else:
         gram = a.T @ a / b

@@ -16,6 +16,7 @@ RULES: dict[type, LayerRule] = {
     nn.Conv2d: Conv2dRule(),
     nn.BatchNorm1d: BatchNormRule(),
     nn.BatchNorm2d: BatchNormRule(),
+    nn.SyncBatchNorm: BatchNormRule(),  # σ is the global batch's when it syncs (layers/batchnorm.py)
     nn.ReLU: ReLURule(),
     nn.LeakyReLU: LeakyReLURule(),
     nn.Dropout: DropoutRule(),

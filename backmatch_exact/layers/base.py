@@ -135,6 +135,39 @@ class WeightRule(LayerRule):
             grads["bias"] = flat[:, k]
         return grads
 
+    # ------------------------------------------------------------ fast path (solver.reference=False)
+    # What the engine's fast path asks a weight rule for instead of forming A and Sᵀ A
+    # itself; each default is the plain reference computation, subclasses override.
+
+    def sample_rows(self, module: nn.Module, a: torch.Tensor) -> int:
+        """N, the number of rows of A, without forming A."""
+        return self.input_rows(module, a).shape[0]
+
+    def gram(self, module: nn.Module, a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``AᵀA`` (d x d, summed over the rows, not yet divided by B) in ``dtype``."""
+        rows = self.input_rows(module, a).to(dtype)
+        return rows.T @ rows
+
+    def weight_grad(self, module: nn.Module, a: torch.Tensor, g_b: torch.Tensor) -> torch.Tensor:
+        """``g_W = Sᵀ A`` (n x d, laid out like ``flat_weight``)."""
+        return self.signal_rows(module, g_b).T @ self.input_rows(module, a)
+
+    def signal(self, module, a, grad_input, grad_output, signal_damping: float) -> torch.Tensor:
+        """eq. 12/22 in one pass over the signal: a zero denominator is replaced by +inf (at weight size).
+
+        Bitwise the same values as :meth:`LayerRule.signal` for a finite signal (x / inf = 0
+        where a column norm is 0), which the reference path (``solver.reference``) uses.
+        """
+        from .. import solver  # here, not at import time: the solver module is the switch, read per call
+
+        if solver.reference:
+            return super().signal(module, a, grad_input, grad_output, signal_damping)
+        col_sq = self.column_sq_norms(module, a)
+        mu = signal_damping if self.damped else 0.0
+        if mu:
+            col_sq = col_sq + mu * col_sq.mean()
+        return grad_input / torch.where(col_sq > 0, col_sq, float("inf"))
+
 
 def append_ones_column(rows: torch.Tensor) -> torch.Tensor:
     """``[A 1]``: the bias is a weight on a constant input 1."""

@@ -1,7 +1,10 @@
 """nn.BatchNorm1d / BatchNorm2d: ``b = γ (a - E[a]) / σ + β`` per unit (channel), eq. 24.
 
 ``σ = sqrt(Var[a] + eps)`` with the biased batch variance in training mode (the
-running variance in eval mode) and the layer's own eps.
+running variance in eval mode) and the layer's own eps. ``nn.SyncBatchNorm`` has the
+same rule; when it syncs (training, torch.distributed initialized, more than one
+process in its group) the mean and σ are the global batch's, so the rule
+all-reduces the per-channel sums (count-weighted, as the layer does).
 
 * backprop:      g_a = (γ/σ)·g_b + the batch-statistics coupling terms of eq. 25
 * back-matching: g'_a = g_b · σ / γ      (eq. 26: each unit matches its signal on its
@@ -15,6 +18,7 @@ running variance in eval mode) and the layer's own eps.
 """
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..errors import UnsupportedModuleError
@@ -30,11 +34,41 @@ def _reduce_dims(a: torch.Tensor) -> list[int]:
     return [0] + list(range(2, a.dim()))
 
 
+def _sync_group(module) -> "dist.ProcessGroup | None":
+    """The process group a SyncBatchNorm took this batch's statistics over (its forward's own test), else None."""
+    if not (isinstance(module, nn.SyncBatchNorm) and module.training and dist.is_available()
+            and dist.is_initialized()):
+        return None
+    group = module.process_group or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _batch_mean(module, a: torch.Tensor) -> torch.Tensor:
+    """Per-channel batch mean; for a syncing SyncBatchNorm, over every rank's batch (one small all-reduce)."""
+    dims, group = _reduce_dims(a), _sync_group(module)
+    if group is None:
+        return a.mean(dim=dims)
+    sums = torch.cat([a.sum(dim=dims), a.new_tensor([a.numel() // a.shape[1]])])
+    dist.all_reduce(sums, group=group)
+    return sums[:-1] / sums[-1]
+
+
+def _batch_var(module, a: torch.Tensor) -> torch.Tensor:
+    """Per-channel biased batch variance; for a syncing SyncBatchNorm, the global one (two small all-reduces)."""
+    dims, group = _reduce_dims(a), _sync_group(module)
+    if group is None:
+        return a.var(dim=dims, unbiased=False)
+    squares = ((a - _channel_view(_batch_mean(module, a), a)) ** 2).sum(dim=dims)
+    squares = torch.cat([squares, a.new_tensor([a.numel() // a.shape[1]])])
+    dist.all_reduce(squares, group=group)
+    return squares[:-1] / squares[-1]
+
+
 def batch_std(module: nn.modules.batchnorm._BatchNorm, a: torch.Tensor) -> torch.Tensor:
-    """σ per channel, exactly as the layer normalized this batch."""
+    """σ per channel, exactly as the layer normalized this batch (SyncBatchNorm: the global batch's σ)."""
     a = a.detach()
     uses_batch_stats = module.training or module.running_var is None
-    var = a.var(dim=_reduce_dims(a), unbiased=False) if uses_batch_stats else module.running_var
+    var = _batch_var(module, a) if uses_batch_stats else module.running_var
     return torch.sqrt(var + module.eps)
 
 
@@ -42,7 +76,7 @@ def normalized(module, a: torch.Tensor) -> torch.Tensor:
     """x̂ = (a - mean) / σ, as the layer computed it."""
     a = a.detach()
     uses_batch_stats = module.training or module.running_mean is None
-    mean = a.mean(dim=_reduce_dims(a)) if uses_batch_stats else module.running_mean
+    mean = _batch_mean(module, a) if uses_batch_stats else module.running_mean
     return (a - _channel_view(mean, a)) / _channel_view(batch_std(module, a), a)
 
 
@@ -66,18 +100,20 @@ class BatchNormRule(LayerRule):
             scale = torch.where(nonzero, scale / torch.where(nonzero, gamma, torch.ones_like(gamma)), 0.0)
         return grad_output * _channel_view(scale, a)
 
-    def affine_gradients(self, module, a, grad_output, weight_decay: float):
+    def affine_gradients(self, module, a, grad_output, weight_decay: float, gram_gamma=None):
         """``(back-matched, plain)`` gradients of γ and β.
 
         Back-matched: the per-channel 2x2 least squares, diagonal since E[x̂] = 0.
         Plain: autograd's ``g_γ, g_β``, which the engine uses to cross-check.
+        ``gram_gamma``: ``G_γ`` to use instead of this batch's (the ranks' average under torch.distributed).
         """
         x_hat = normalized(module, a)
         dims = _reduce_dims(a)
         plain = {"weight": (grad_output * x_hat).sum(dim=dims), "bias": grad_output.sum(dim=dims)}
         g_gamma = plain["weight"] + weight_decay * module.weight.detach()
         g_beta = plain["bias"] + weight_decay * module.bias.detach()
-        gram_gamma = (x_hat * x_hat).sum(dim=dims) / a.shape[0]
+        if gram_gamma is None:
+            gram_gamma = (x_hat * x_hat).sum(dim=dims) / a.shape[0]
         nonzero = gram_gamma > 0
         gamma = torch.where(nonzero, g_gamma / torch.where(nonzero, gram_gamma, torch.ones_like(gram_gamma)), 0.0)
         locations = a[0, 0].numel() if a.dim() > 2 else 1

@@ -13,6 +13,9 @@
 and does not depend on the data.
 """
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,9 +51,20 @@ class Conv2dRule(WeightRule):
             )
 
     def column_sq_norms(self, module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+        from .. import solver
+
         w_sq = module.weight.detach() ** 2
         height, width = a.shape[-2:]
         out_h, out_w = _output_size(module, height, width)
+        if not solver.reference:
+            # the output grid is a product of two 1-D grids, so c(j, ·) = R_h · S_j · R_wᵀ with S_j = Σ_k W[k,j]²
+            # and R[p, v] = 1 where kernel offset v of some output position reads input position p: two small
+            # matrix products instead of a transposed convolution (whose setup dominated at this size)
+            (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+            ph, pw = _int_padding(module)
+            rows = _reads(height, out_h, kh, sh, dh, ph, w_sq.dtype, w_sq.device)
+            cols = _reads(width, out_w, kw, sw, dw, pw, w_sq.dtype, w_sq.device)
+            return (rows @ w_sq.sum(0) @ cols.T)[None]
         ones = w_sq.new_ones(1, module.out_channels, out_h, out_w)
         padding = _int_padding(module)
         # eq. 22 denominators: the transposed conv of ones with W², cropped to the input size
@@ -71,6 +85,244 @@ class Conv2dRule(WeightRule):
     def approx_ratio(self, module: nn.Conv2d, place) -> float:
         input_locations = place.input_shape[-2] * place.input_shape[-1]
         return mean_sq_column_norm(module.weight) * place.sharing / input_locations  # eq. 35
+
+    # ------------------------------------------------------------ fast path (solver.reference=False)
+    def sample_rows(self, module: nn.Conv2d, a: torch.Tensor) -> int:
+        _check_4d(module, a)
+        out_h, out_w = _output_size(module, *a.shape[-2:])
+        return a.shape[0] * out_h * out_w
+
+    def gram(self, module: nn.Conv2d, a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``AᵀA`` without the im2col matrix: by kernel-row lags when the stride along the height is 1.
+
+        Row-lag form: an output row reads input rows ``r = u + dil·i`` (kernel row i).
+        With ``A1[r]`` the 1-D im2col of input row r along the width (B·W_out x C·k_w),
+        the block of G between kernel rows i and i + δ is ``Σ_u A1[u+dil·i]ᵀ A1[u+dil·(i+δ)]``:
+        the products of one pair of input rows are shared by every i that reads both.
+        The rows every window reads form one batched GEMM over the lags δ; the few
+        border rows are added by cumulative sums. About ``H_pad / (k_h·H_out)`` of the im2col Gram's
+        flops and ``1/k_h`` of its memory; additions only, so rounding is like the
+        direct product's. Otherwise (stride > 1 along the height, k_h = 1, tiny
+        outputs) the im2col Gram, a batch chunk at a time.
+        """
+        from .. import solver
+
+        _check_4d(module, a)
+        if solver.reference:
+            return super().gram(module, a, dtype)
+        a = a.to(dtype)
+        geometry = _geometry(module, a)
+        geometry["sums"] = module.bias is not None  # column sums of A: only the bias needs them
+        gram, sums = (_gram_row_lag if _row_lag_pays(geometry) else _gram_direct)(a, geometry)
+        if module.bias is None:
+            return gram
+        count = a.shape[0] * geometry["out_h"] * geometry["out_w"]
+        corner = sums.new_full((1, 1), float(count))
+        return torch.cat([torch.cat([gram, sums[:, None]], 1), torch.cat([sums[None], corner], 1)], 0)
+
+    def kernel(self, module: nn.Conv2d, a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``K = AAᵀ`` (N x N, rows in ``signal_rows`` order) without the im2col matrix.
+
+        ``K[(b,u),(b',u')] = Σ_i P[(b, p_i(u)), (b', p_i(u'))]`` with the pixel Gram
+        ``P = Σ_c x[·,c,·] x[·,c,·]`` over the input's own pixels and ``p_i(u)`` the
+        pixel kernel offset i reads at output u (none in the padding): C multiply-adds
+        per pixel pair instead of C·k_h·k_w per row pair, then k_h·k_w strided sums.
+        """
+        _check_4d(module, a)
+        g = _geometry(module, a)
+        batch, channels, height, width = a.shape
+        if height * width > 4 * g["out_h"] * g["out_w"]:  # strided: the pixel Gram would outgrow K itself
+            rows = self.input_rows(module, a).to(dtype)
+            return rows @ rows.T
+        pixels = a.to(dtype).permute(0, 2, 3, 1).reshape(-1, channels)
+        gram = (pixels @ pixels.T).view(batch, height, width, batch, height, width)
+        out_h, out_w = g["out_h"], g["out_w"]
+        kernel = gram.new_zeros(batch, out_h, out_w, batch, out_h, out_w)
+        for ih in range(g["kh"]):
+            rows = _reads_range(height, out_h, g["sh"], g["dh"] * ih - g["ph"])
+            for iw in range(g["kw"]):
+                cols = _reads_range(width, out_w, g["sw"], g["dw"] * iw - g["pw"])
+                if rows is not None and cols is not None:
+                    (u, h), (v, w) = rows, cols
+                    kernel[:, u, v, :, u, v] += gram[:, h, w, :, h, w]
+        kernel = kernel.view(batch * out_h * out_w, -1)
+        if module.bias is not None:
+            kernel += 1.0  # the ones column
+        return kernel
+
+    def rows_product(self, module: nn.Conv2d, a: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+        """``C·A`` (r x d) for ``C`` (r x N) in ``signal_rows`` order: a weight-gradient convolution, no im2col."""
+        out_h, out_w = _output_size(module, *a.shape[-2:])
+        r = coeffs.shape[0]
+        grad_output = coeffs.T.reshape(a.shape[0], out_h * out_w, r).transpose(1, 2).reshape(
+            a.shape[0], r, out_h, out_w)
+        has_bias = module.bias is not None
+        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_output, a.to(coeffs.dtype), a.new_empty((r,) + tuple(module.weight.shape[1:]), dtype=coeffs.dtype),
+            [r] if has_bias else None, list(module.stride), list(_int_padding(module)), list(module.dilation), False,
+            [0, 0], 1, [False, True, has_bias])
+        flat = grad_w.reshape(r, -1)
+        return torch.cat([flat, grad_b[:, None]], 1) if has_bias else flat
+
+    def weight_grad(self, module: nn.Conv2d, a: torch.Tensor, g_b: torch.Tensor) -> torch.Tensor:
+        """``g_W`` by the convolution's own weight-gradient kernel (no im2col)."""
+        from .. import solver
+
+        if solver.reference:
+            return super().weight_grad(module, a, g_b)
+        weight = module.weight.detach()
+        has_bias = module.bias is not None
+        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            g_b, a, weight, [weight.shape[0]] if has_bias else None, list(module.stride),
+            list(_int_padding(module)), list(module.dilation), False, [0, 0], 1, [False, True, has_bias])
+        flat = grad_w.reshape(weight.shape[0], -1)
+        return torch.cat([flat, grad_b[:, None]], 1) if has_bias else flat
+
+
+_CHUNK_ELEMENTS = 1 << 20  # per batch chunk, elements of its im2col or row-lag matrix (4 MiB in fp32: stays in cache)
+_WORKSPACE: dict = {}  # CPU: (shape, dtype) -> a zero-padded buffer kept from step to step
+_WORKSPACE_BYTES = 1 << 28
+
+
+def _padded_buffer(shape: tuple, like: torch.Tensor, written: tuple) -> torch.Tensor:
+    """A zero tensor of ``shape`` whose padding the caller never writes: on the CPU the same one every step.
+
+    The allocator hands big CPU buffers back to the system when they are freed, and touching a fresh one
+    costs a page fault per 4 KiB, which was a third of the row-lag Gram's time. Callers overwrite the same
+    region each time (``written`` names it, part of the key) and leave the rest zero, so the buffer stays
+    valid. (CUDA's caching allocator already reuses memory: there each call gets a new tensor.) Not for use
+    from several threads at once.
+    """
+    if like.device.type != "cpu":
+        return like.new_zeros(shape)
+    key = (shape, like.dtype, written)
+    buffer = _WORKSPACE.get(key)
+    if buffer is None:
+        size = like.element_size() * math.prod(shape)
+        if size > _WORKSPACE_BYTES:
+            return like.new_zeros(shape)
+        if size + sum(b.element_size() * b.numel() for b in _WORKSPACE.values()) > _WORKSPACE_BYTES:
+            _WORKSPACE.clear()
+        buffer = _WORKSPACE[key] = like.new_zeros(shape)
+    return buffer
+
+
+@functools.lru_cache(maxsize=256)
+def _reads(size: int, out: int, kernel: int, stride: int, dilation: int, padding: int, dtype, device) -> torch.Tensor:
+    """(size x kernel) 0/1 matrix: 1 where kernel offset v of some output position reads input position p."""
+    position = stride * torch.arange(out)[:, None] + dilation * torch.arange(kernel)[None, :] - padding
+    offset = torch.arange(kernel).expand(out, kernel)
+    inside = (position >= 0) & (position < size)
+    reads = torch.zeros(size, kernel, dtype=dtype)
+    reads[position[inside], offset[inside]] = 1.0
+    return reads.to(device)
+
+
+def _reads_range(size: int, out: int, stride: int, offset: int):
+    """``(outputs, inputs)`` slices: the outputs u whose pixel ``stride·u + offset`` is inside, and those pixels."""
+    first = max(0, -(offset // stride))  # ceil(-offset / stride)
+    last = min(out - 1, (size - 1 - offset) // stride)
+    if last < first:
+        return None
+    return slice(first, last + 1), slice(stride * first + offset, stride * last + offset + 1, stride)
+
+
+def _geometry(module: nn.Conv2d, a: torch.Tensor) -> dict:
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    ph, pw = _int_padding(module)
+    height, width = a.shape[-2:]
+    out_h, out_w = _output_size(module, height, width)
+    return dict(kh=kh, kw=kw, sh=sh, sw=sw, dh=dh, dw=dw, ph=ph, pw=pw, height=height + 2 * ph,
+                width=width + 2 * pw, out_h=out_h, out_w=out_w, channels=a.shape[1])
+
+
+def _row_lag_pays(g: dict) -> bool:
+    """Row lags apply (stride 1 along the height, every window shares the central rows) and cut flops."""
+    central = g["dh"] * (g["kh"] - 1)
+    return g["sh"] == 1 and g["kh"] > 1 and g["out_h"] >= central and g["height"] < g["kh"] * g["out_h"]
+
+
+def _chunks(batch: int, per_sample: int):
+    step = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
+    return [(start, min(batch, start + step)) for start in range(0, batch, step)]
+
+
+def _gram_direct(a: torch.Tensor, g: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(AᵀA, column sums of A)`` from the im2col matrix, a batch chunk at a time."""
+    d = g["channels"] * g["kh"] * g["kw"]
+    locations = g["out_h"] * g["out_w"]
+    gram, sums = a.new_zeros(d, d), a.new_zeros(d)
+    for start, stop in _chunks(a.shape[0], d * locations):
+        cols = F.unfold(a[start:stop], (g["kh"], g["kw"]), dilation=(g["dh"], g["dw"]), padding=(g["ph"], g["pw"]),
+                        stride=(g["sh"], g["sw"]))
+        rows = cols.transpose(1, 2).reshape(-1, d)
+        gram.addmm_(rows.T, rows)
+        if g["sums"]:
+            sums += rows.sum(0)
+    return gram, sums
+
+
+def _gram_row_lag(a: torch.Tensor, g: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(AᵀA, column sums of A)`` by kernel-row lags (see :meth:`Conv2dRule.gram`); stride 1 along the height.
+
+    ``rows[:, r]`` is input row r's 1-D im2col along the width, laid out (C·k_w) x (B·W_out)
+    so that building it is a plain copy and every row range is a strided matrix (its
+    C·k_w rows padded with zeros to a multiple of 16, which the GEMM kernels run much
+    faster on). Kernel rows i and i + s meet on input rows r and r + dil·s for r in the
+    window of row i: ``core`` sums the central rows (in every window), one batched GEMM
+    over the lags s; the border rows' products are summed by cumulative sums over them.
+    """
+    kh, kw, dh, dw, sw = g["kh"], g["kw"], g["dh"], g["dw"], g["sw"]
+    height, out_h, out_w, channels = g["height"], g["out_h"], g["out_w"], g["channels"]
+    ph, pw = g["ph"], g["pw"]
+    m = channels * kw  # columns of one input row's 1-D im2col
+    mp = -(-m // 16) * 16
+    central = dh * (kh - 1)  # rows [central, out_h) are read by every kernel row's window
+    below = height - out_h  # border rows under the central ones (= central for stride 1)
+    span = dw * (kw - 1) + 1
+    lags = [dh * s for s in range(kh)]
+    core = a.new_zeros(kh, mp, mp)  # core[s]: central rows r against rows r + dil·s
+    top = a.new_zeros(central, kh, mp, mp)  # top[r, s]: border row r against row r + dil·s
+    bottom = a.new_zeros(below, kh, mp, mp)
+    sums = a.new_zeros(kh, mp)
+    for start, stop in _chunks(a.shape[0], (height + central) * out_w * mp):
+        x = a[start:stop]
+        if pw:
+            x = F.pad(x, (pw, pw))
+        unfolded = x.unfold(3, span, sw)[..., ::dw].permute(1, 4, 2, 0, 3)  # C, k_w, H, B, W_out
+        per_row = unfolded.shape[3] * unfolded.shape[4]
+        # zero rows for the height padding, below the image (partners past the last row) and up to mp
+        rows = _padded_buffer((mp, height + central, per_row), x, (m, ph, x.shape[2]))
+        rows[:m, ph:ph + x.shape[2]].view(unfolded.shape).copy_(unfolded)
+
+        def partners(first: int, count: int) -> torch.Tensor:
+            """(k_h, mp, count·per_row): rows [first + dil·s, first + dil·s + count) for every lag s (a view)."""
+            return rows.as_strided((kh, mp, count * per_row), (dh * per_row, rows.stride(0), 1),
+                                   rows.storage_offset() + first * per_row)
+
+        # every lag in one batched product (the batch splits over the threads; k_h skinny GEMMs do not)
+        if out_h > central:
+            core_rows = rows[:, central:out_h].reshape(mp, -1)
+            core.baddbmm_(core_rows.expand(kh, mp, -1), partners(central, out_h - central).transpose(1, 2))
+        for first, count, out in ((0, central, top), (out_h, below, bottom)):
+            for r in range(count):
+                out[r].baddbmm_(rows[:, first + r].expand(kh, mp, per_row), partners(first + r, 1).transpose(1, 2))
+        if g["sums"]:
+            for i in range(kh):
+                sums[i] += rows[:, dh * i:dh * i + out_h].sum((1, 2))
+    # kernel rows i and i + s: core + top rows [dil·i, central) + bottom rows [out_h, out_h + dil·i)
+    zero = a.new_zeros(1, kh, mp, mp)
+    first = torch.tensor(lags, device=a.device)
+    suffix = torch.cat([top.flip(0).cumsum(0).flip(0), zero])[first]  # i, s, mp, mp
+    prefix = torch.cat([zero, bottom.cumsum(0)])[first]
+    pairs = (core + suffix + prefix)[:, :, :m, :m]  # i, s, m, m
+    i, j = torch.triu_indices(kh, kh, device=a.device)  # kernel rows i <= j = i + s
+    blocks = a.new_zeros(kh, kh, m, m)
+    blocks[i, j] = pairs[i, j - i]
+    blocks[j, i] = pairs[i, j - i].transpose(1, 2)
+    d = channels * kh * kw
+    gram = blocks.view(kh, kh, channels, kw, channels, kw).permute(2, 0, 3, 4, 1, 5).reshape(d, d)
+    return gram, sums[:, :m].reshape(kh, channels, kw).transpose(0, 1).reshape(d)
 
 
 def _check_4d(module, a):

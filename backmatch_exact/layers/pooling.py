@@ -38,6 +38,23 @@ class MaxPool2dRule(LayerRule):
         flat.scatter_add_(-1, index.flatten(-2), torch.ones_like(index.flatten(-2), dtype=a.dtype))
         return flat.view_as(a)
 
+    def signal(self, module, a, grad_input, grad_output, signal_damping):
+        # Disjoint windows (stride >= dilated kernel extent): every input is read by at most one window, so
+        # ‖J_{:,j}‖² is 1 where its window selected it and 0 elsewhere, where backprop's g_a is already 0:
+        # g'_a = g_a exactly (the general rule's values, bit for bit), without recomputing the pooling.
+        if not signal_damping and _disjoint_windows(module):
+            return grad_input
+        return super().signal(module, a, grad_input, grad_output, signal_damping)
+
+
+def _disjoint_windows(module: nn.MaxPool2d) -> bool:
+    def pair(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+    kernel, dilation = pair(module.kernel_size), pair(module.dilation)
+    stride = pair(module.stride if module.stride is not None and module.stride != [] else module.kernel_size)
+    return all(s >= d * (k - 1) + 1 for s, d, k in zip(stride, dilation, kernel))
+
 
 class AvgPool2dRule(LayerRule):
     damped = True

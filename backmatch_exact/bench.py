@@ -1,0 +1,263 @@
+"""``backmatch bench``: what one training step costs in each engine mode, measured side by side.
+
+Every mode gets its own copy of the same model (same initial weights), its own
+``torch.optim.SGD`` and the same synthetic batch. A step is
+``zero_grad → forward → cross-entropy → backward → optimizer.step()``. The modes
+run interleaved, one step each per round and in a rotating order, so that a
+slow spell of a shared machine hits every mode alike; the weights are restored
+before every step (outside the timed region), so every step of a mode does the
+same work. After the warm-up rounds the median over ``--steps`` rounds is
+reported, with the ratios against plain backprop (no engine attached) and
+against the engine's ``bp`` mode. On CUDA each step is bracketed by
+``torch.cuda.synchronize()`` and the peak allocated memory of each mode is
+recorded; TF32 is switched off so that float32 means float32.
+
+Then a few more exact steps run with :data:`backmatch_exact.solver.timing` on
+(synchronized spans, so they are slower than the timed ones): the per-layer
+breakdown of what the exact step adds — Gram formation, factorization, solve,
+column norms, signal rescaling — in milliseconds per step.
+
+    backmatch bench --model lenet --batch 128 --threads 2 --out validation/results/bench_cpu_lenet.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("plain", "bp", "approx", "exact", "exact_weights")
+PARTS = ("gram", "weight_grad", "factor", "solve", "dual", "column_norms", "input_signal")
+
+
+def build_model(name: str) -> torch.nn.Module:
+    import backmatch_exact as bm
+
+    if name == "lenet":
+        return bm.models.lenet_bn(3, 10)
+    if name == "vgg11":
+        return bm.models.vgg_bn(11, 3, 10)
+    raise ValueError(f"unknown model {name!r}: lenet or vgg11")
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return None
+
+
+class _Runner:
+    """One mode: its model copy, engine, optimizer and the saved initial state."""
+
+    def __init__(self, mode: str, base: torch.nn.Module, lr: float):
+        import backmatch_exact as bm
+
+        self.mode = mode
+        self.model = copy.deepcopy(base)
+        self.engine = None if mode == "plain" else bm.attach(self.model, mode=mode)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr)
+        self.initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for key, value in self.model.state_dict().items():
+                value.copy_(self.initial[key])
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(self.model(x), y).backward()
+        self.optimizer.step()
+
+
+def run(model: str = "lenet", batch: int = 128, device: str = "cpu", dtype: str = "float32", steps: int = 20,
+        warmup: int = 3, threads: int | None = None, modes=MODES, lr: float = 0.01, profile_steps: int = 3,
+        seed: int = 0, clock: str = "wall") -> dict:
+    """Time the modes; return the JSON-ready report (see the module docstring).
+
+    ``clock``: ``"wall"`` (``time.perf_counter``, the default and the only one on CUDA) or
+    ``"cpu"`` (``time.process_time``: CPU seconds of every thread of this process, which a
+    shared machine's other jobs barely disturb; with ``threads=1`` the cleanest comparison).
+    """
+    from . import solver
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    timer = time.process_time if clock == "cpu" and dev.type != "cuda" else time.perf_counter
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    torch_dtype = getattr(torch, dtype)
+    torch.manual_seed(seed)
+    base = build_model(model).to(dev, torch_dtype).train()
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, 3, 32, 32, generator=gen).to(dev, torch_dtype)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(dev)
+    runners = [_Runner(mode, base, lr) for mode in modes]
+    sync = _sync(dev)
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    peaks: dict[str, int] = {mode: 0 for mode in modes}
+
+    for round_ in range(warmup + steps):
+        shift = round_ % len(runners)
+        for runner in runners[shift:] + runners[:shift]:
+            runner.restore()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+            start = timer()
+            runner.step(x, y)
+            if sync is not None:
+                sync()
+            elapsed = timer() - start
+            if round_ >= warmup:
+                times[runner.mode].append(elapsed)
+                if dev.type == "cuda":
+                    peaks[runner.mode] = max(peaks[runner.mode], torch.cuda.max_memory_allocated(dev))
+
+    medians = {mode: statistics.median(t) for mode, t in times.items()}
+    report = {
+        "config": {"model": model, "batch": batch, "device": str(dev), "dtype": dtype, "steps": steps,
+                   "warmup": warmup, "threads": torch.get_num_threads(), "lr": lr, "seed": seed,
+                   "clock": "cpu (process_time)" if timer is time.process_time else "wall (perf_counter)",
+                   "torch": torch.__version__, "python": platform.python_version(),
+                   "machine": platform.machine(), "cpus": os.cpu_count(),
+                   "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
+                   "tf32": False if dev.type == "cuda" else None},
+        "modes": {},
+    }
+    for mode in modes:
+        t = sorted(times[mode])
+        entry = {"median_ms": 1e3 * medians[mode], "min_ms": 1e3 * t[0], "max_ms": 1e3 * t[-1],
+                 "q1_ms": 1e3 * t[len(t) // 4], "q3_ms": 1e3 * t[(3 * len(t)) // 4]}
+        if "plain" in medians:
+            entry["vs_plain"] = medians[mode] / medians["plain"]
+        if "bp" in medians:
+            entry["vs_bp"] = medians[mode] / medians["bp"]
+        entry["peak_memory_bytes"] = peaks[mode] if dev.type == "cuda" else None
+        report["modes"][mode] = entry
+    if dev.type == "cuda" and "bp" in peaks and "exact" in peaks and peaks["bp"]:
+        report["peak_memory_exact_vs_bp"] = peaks["exact"] / peaks["bp"]
+    else:
+        report["peak_memory_exact_vs_bp"] = None  # CPU: not measured (no allocator statistics)
+
+    exact = next((r for r in runners if r.mode == "exact"), None)
+    if exact is not None and profile_steps > 0:
+        report["breakdown_ms"], report["profiled_step_ms"] = _breakdown(exact, x, y, sync, profile_steps, timer)
+        report["exact_stats"] = [{k: s[k] for k in ("layer", "kind", "d", "samples", "path", "rank")}
+                                 for s in exact.engine.stats()]
+    for runner in runners:
+        if runner.engine is not None:
+            runner.engine.detach()
+    return report
+
+
+def _breakdown(runner: _Runner, x, y, sync, steps: int, timer=time.perf_counter):
+    """Per layer and part, milliseconds per exact step with the engine's timing spans on."""
+    from . import solver
+
+    names = {id(m): n for n, m in runner.model.named_modules()}
+    solver.timing.enable(sync, names, timer)
+    try:
+        total = 0.0
+        for _ in range(steps):
+            runner.restore()
+            start = timer()
+            runner.step(x, y)
+            if sync is not None:
+                sync()
+            total += timer() - start
+        totals = dict(solver.timing.totals)
+    finally:
+        solver.timing.disable()
+    layers: dict[str, dict[str, float]] = {}
+    for (layer, part), seconds in totals.items():
+        layers.setdefault(layer, {})[part] = 1e3 * seconds / steps
+    order = [n for n, _ in runner.model.named_modules()]
+    ordered = {name: layers[name] for name in sorted(layers, key=lambda n: order.index(n) if n in order else 1e9)}
+    return ordered, 1e3 * total / steps
+
+
+def format_report(report: dict) -> str:
+    cfg = report["config"]
+    lines = [f"{cfg['model']} batch {cfg['batch']} {cfg['dtype']} on {cfg['device']} ({cfg['device_name']}), "
+             f"{cfg['threads']} threads, median of {cfg['steps']} steps after {cfg['warmup']} warm-up rounds, "
+             f"{cfg['clock']} clock"]
+    header = f"{'mode':<14}{'median ms':>11}{'q1 ms':>9}{'q3 ms':>9}{'vs plain':>10}{'vs bp':>8}{'peak MiB':>10}"
+    lines += [header, "-" * len(header)]
+    for mode, e in report["modes"].items():
+        peak = f"{e['peak_memory_bytes'] / 2**20:.0f}" if e["peak_memory_bytes"] else "n/a"
+        lines.append(f"{mode:<14}{e['median_ms']:>11.2f}{e['q1_ms']:>9.2f}{e['q3_ms']:>9.2f}"
+                     f"{e.get('vs_plain', float('nan')):>10.3f}{e.get('vs_bp', float('nan')):>8.3f}{peak:>10}")
+    if report.get("peak_memory_exact_vs_bp"):
+        lines.append(f"peak memory exact / bp: {report['peak_memory_exact_vs_bp']:.3f}")
+    if "breakdown_ms" in report:
+        lines.append("")
+        lines.append(f"exact step, per layer, ms per step (timing on: {report['profiled_step_ms']:.2f} ms per step)")
+        header = f"{'layer':<22}{'path':<16}" + "".join(f"{p:>13}" for p in PARTS) + f"{'sum':>9}"
+        lines += [header, "-" * len(header)]
+        paths = {s["layer"]: s["path"] for s in report.get("exact_stats", [])}
+        sums = {p: 0.0 for p in PARTS}
+        for layer, parts in report["breakdown_ms"].items():
+            row = f"{layer:<22}{paths.get(layer, ''):<16}"
+            for p in PARTS:
+                row += f"{parts.get(p, 0.0):>13.3f}"
+                sums[p] += parts.get(p, 0.0)
+            lines.append(row + f"{sum(parts.values()):>9.3f}")
+        lines.append(f"{'total':<38}" + "".join(f"{sums[p]:>13.3f}" for p in PARTS) + f"{sum(sums.values()):>9.3f}")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="lenet", choices=["lenet", "vgg11"])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...; 'auto': cuda when available")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--steps", type=int, default=20, help="timed rounds (each mode one step per round)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--profile-steps", type=int, default=3, help="exact steps with the per-layer timing on (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="wall: perf_counter (default); cpu: process_time, robust on a busy shared CPU")
+    p.add_argument("--out", default=None, help="write the report as JSON here")
+
+
+def main(args: argparse.Namespace) -> int:
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"unknown modes {unknown}; choose from {MODES}")
+    report = run(args.model, args.batch, device, args.dtype, args.steps, args.warmup, args.threads, modes, args.lr,
+                 args.profile_steps, args.seed, args.clock)
+    print(format_report(report))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="backmatch bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,169 @@
+"""Figures for ``backmatch compare`` and ``backmatch train`` (matplotlib, Agg backend, PNG files)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import matplotlib.transforms as mtransforms  # noqa: E402
+
+
+def _by_layer(rows: list[dict]) -> dict[str, list[dict]]:
+    layers: dict[str, list[dict]] = {}
+    for row in rows:
+        layers.setdefault(row["layer"], []).append(row)
+    return layers
+
+
+def _per_layer_lines(ax, rows: list[dict], key: str, log: bool = False, style: str = "-o", label_suffix=""):
+    for layer, lrows in _by_layer(rows).items():
+        values = [r[key] for r in lrows]
+        if log and any(v is not None and v > 0 for v in values):
+            ax.set_yscale("log")
+        ax.plot([r["step"] for r in lrows], values, style, ms=3, label=layer + label_suffix)
+
+
+def _save(fig, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def compare_figures(rows: list[dict], losses: list[float], out: Path) -> list[str]:
+    """The ``backmatch compare`` plots; returns the file names written into ``out``."""
+    out = Path(out)
+    names = []
+    last = max(r["step"] for r in rows)
+    at_last = [r for r in rows if r["step"] == last]
+    layers = [r["layer"] for r in at_last]
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    _per_layer_lines(axes[0], rows, "cosine")
+    axes[0].set(title="cosine(exact g'_W, approx g̃_W)", xlabel="step")
+    _per_layer_lines(axes[1], rows, "norm_ratio", log=True)
+    axes[1].axhline(1.0, color="grey", lw=0.8)
+    axes[1].set(title="norm ratio ‖g̃_W‖ / ‖g'_W‖", xlabel="step")
+    if losses:
+        axes[2].plot(range(1, len(losses) + 1), losses, lw=0.8)
+    axes[2].set(title="training loss", xlabel="step")
+    axes[0].legend(fontsize=8)
+    names.append(_save(fig, out, "agreement.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for layer, lrows in _by_layer(rows).items():
+        line, = axes[0].plot([r["step"] for r in lrows], [r["m_exact"] for r in lrows], "-o", ms=3, label=layer)
+        axes[0].plot([r["step"] for r in lrows], [r["m_approx"] for r in lrows], "--", color=line.get_color())
+    axes[0].set_yscale("log")
+    axes[0].set(title="backward factor at layer input: exact (solid) vs Algorithm 1 (dashed)", xlabel="step")
+    axes[0].legend(fontsize=8)
+    _per_layer_lines(axes[1], rows, "m_ratio", log=True)
+    axes[1].axhline(1.0, color="grey", lw=0.8)
+    axes[1].set(title="m_approx / m_exact", xlabel="step")
+    names.append(_save(fig, out, "backward_factor.png"))
+
+    from .compare import Approximations, ablation_costs
+
+    costs = ablation_costs(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / len(Approximations.names())
+    x = range(len(layers))
+    for k, name in enumerate(Approximations.names()):
+        for ax, prefix in zip(axes, ("only", "without")):
+            per_layer = [_mean_over_steps(rows, layer, f"{prefix}_{name}_cos") for layer in layers]
+            ax.bar([i + k * width for i in x], [1 - v for v in per_layer], width,
+                   label=f"{name} ({costs[f'{prefix}_{name}']['mean_1_minus_cos']:.3f})")
+    for ax, title in zip(axes, ("exact + one approximation", "Algorithm 1 − one approximation")):
+        ax.set_xticks([i + 0.4 - width / 2 for i in x], layers)
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set(title=f"{title}: 1 − cosine vs exact (mean over steps)")
+        ax.legend(fontsize=8)
+    names.append(_save(fig, out, "ablations.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method, style in (("bp", "-o"), ("exact", "-s"), ("approx", "-^")):
+        axes[0].plot(layers, [r[f"rel_{method}"] for r in at_last], style, label=method)
+    axes[0].set_yscale("log")
+    axes[0].set(title=f"‖g_W‖ / ‖W‖ per layer at step {last}")
+    axes[0].legend()
+    from .compare import gradient_spread
+
+    spread = gradient_spread(rows)
+    steps = sorted(spread)
+    for method in ("bp", "exact", "approx"):
+        axes[1].plot(steps, [spread[s][method] for s in steps], "-o", ms=3, label=method)
+    axes[1].set_yscale("log")
+    axes[1].set(title="spread over layers: max/min of ‖g_W‖/‖W‖", xlabel="step")
+    axes[1].legend()
+    names.append(_save(fig, out, "gradient_spread.png"))
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    _per_layer_lines(axes[0], rows, "amplification", log=True)
+    axes[0].set(title="signal amplification (mean/min denominator)", xlabel="step")
+    axes[0].legend(fontsize=8)
+    _per_layer_lines(axes[1], rows, "den_std_mean")
+    axes[1].set(title="denominators: std/mean", xlabel="step")
+    _per_layer_lines(axes[2], [r for r in rows if r["bn_var_ratio"] == r["bn_var_ratio"]], "bn_var_ratio", log=True)
+    axes[2].axhline(1.0, color="grey", lw=0.8)
+    axes[2].set(title="BN: mean Var[a] / ‖W‖²_{2,µ}", xlabel="step")
+    names.append(_save(fig, out, "amplification.png"))
+    return names
+
+
+def _mean_over_steps(rows: list[dict], layer: str, key: str) -> float:
+    values = [r[key] for r in rows if r["layer"] == layer and r[key] == r[key]]
+    return sum(values) / len(values) if values else math.nan
+
+
+def training_curves(results: list[dict], path: Path) -> None:
+    """Paper Fig. 2 style: training loss and test error vs epoch, one line per config (mean over seeds).
+
+    Runs that diverged are marked with an ✕ at the top of both panels, at the
+    epoch where they diverged.
+    """
+    from .train import group_results
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    top = [mtransforms.blended_transform_factory(ax.transData, ax.transAxes) for ax in axes]
+    diverged_any = False
+    for label, seeds in group_results(results).items():
+        per_epoch: dict[int, list[dict]] = {}
+        for runs in seeds.values():
+            for r in runs:
+                if not r.get("diverged"):
+                    per_epoch.setdefault(r["epoch"], []).append(r)
+        epochs = sorted(per_epoch)
+        color = None
+        if epochs:
+            loss = [sum(r["train_loss"] for r in per_epoch[e]) / len(per_epoch[e]) for e in epochs]
+            err = [100 * (1 - sum(r["test_acc"] for r in per_epoch[e]) / len(per_epoch[e])) for e in epochs]
+            line, = axes[0].plot(epochs, loss, "-o", ms=3, label=label)
+            axes[1].plot(epochs, err, "-o", ms=3, color=line.get_color(), label=label)
+            color = line.get_color()
+            if len(seeds) > 1:
+                lo = [100 * (1 - max(r["test_acc"] for r in per_epoch[e])) for e in epochs]
+                hi = [100 * (1 - min(r["test_acc"] for r in per_epoch[e])) for e in epochs]
+                axes[1].fill_between(epochs, lo, hi, color=color, alpha=0.15)
+        for runs in seeds.values():
+            for r in runs:
+                if r.get("diverged"):
+                    diverged_any = True
+                    for ax, tr in zip(axes, top):
+                        mark, = ax.plot([r["epoch"]], [0.96], "x", ms=9, mew=2, color=color, transform=tr,
+                                        clip_on=False, label=None if color else f"{label} (diverged)")
+                        color = mark.get_color()
+    axes[0].set_yscale("log")
+    axes[0].set(title="training loss", xlabel="epoch")
+    axes[1].set(title="test error (%)", xlabel="epoch")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if diverged_any:
+        labels = labels + ["✕ diverged"]
+        handles = handles + [plt.Line2D([], [], ls="", marker="x", color="k")]
+    axes[1].legend(handles, labels, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

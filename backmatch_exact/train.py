@@ -1,0 +1,504 @@
+"""``backmatch train``: train LeNet-BN / VGG-BN with several optimizers on the same weights and batches.
+
+Every configuration (optimizer x learning rate x damping x signal damping x seed)
+starts from the initial weights its seed gives and sees the batches (and
+augmentations) its seed gives, so configurations with one seed differ only in
+how they turn gradients into steps. Optimizers:
+
+``sgd``            torch.optim.SGD on backprop gradients (weight decay in the optimizer)
+``approx``         Algorithm 1: ``bm.attach(mode="approx", weight_decay=wd)`` + SGD(weight_decay=0)
+``exact``          exact back-matching (``damping`` λ, ``signal_damping`` μ), + SGD(weight_decay=0)
+``exact_weights``  exact weight solves on backprop signals (``damping``), + SGD(weight_decay=0)
+``lars``, ``lsalr``  ``bm.optim.LARS`` / ``LSALR`` on backprop gradients
+
+Output folder:
+
+``results.jsonl``   one JSON line per configuration and finished epoch (flushed as it goes);
+                    a diverged configuration gets a last line with ``"diverged": true``
+``checkpoints/``    per configuration: model, optimizer, generator and RNG state, epoch —
+                    what ``--resume`` continues from (to the same numbers as an uninterrupted run)
+``args.json``       the options of the run
+``summary.md``, ``curves.png``  the table (mean ± std over seeds) and the curves, rebuilt
+                    from ``results.jsonl`` at the end (and when interrupted)
+
+A configuration that diverges — a non-finite loss (or one above ``--max-loss``),
+or the engine raising ``NonFiniteError`` / ``SolveError`` — is recorded with its
+step and last finite loss, and the run goes on with the next configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import backmatch_exact as bm
+
+OPTIMIZERS = ("sgd", "approx", "exact", "exact_weights", "lars", "lsalr")
+ENGINE_MODES = ("approx", "exact", "exact_weights")
+MODELS = ("lenet", "vgg11", "vgg13", "vgg16", "vgg19")
+#: options that must not change when a run is resumed (they change what an epoch computes)
+RESUME_KEYS = ("data", "model", "batch_size", "train_subset", "augment", "momentum", "nesterov", "weight_decay",
+               "lr_decay", "decay_every", "dtype", "max_loss")  # keep --threads too for bit-identical numbers
+
+
+def build_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
+    """``"lenet"`` → LeNet-BN, ``"vgg11"`` … ``"vgg19"`` → VGG-BN of that depth."""
+    if name == "lenet":
+        return bm.models.lenet_bn(in_channels, num_classes)
+    if name.startswith("vgg") and name[3:].isdigit():
+        return bm.models.vgg_bn(int(name[3:]), in_channels, num_classes)
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float, momentum: float = 0.0, nesterov: bool = False,
+                   weight_decay: float = 0.0, damping: float = 0.0, signal_damping: float = 0.0):
+    """The optimizer ``name`` for ``model``, and the back-matching engine it needs (None for sgd/lars/lsalr).
+
+    Engine modes get the weight decay through ``attach`` and an SGD with
+    ``weight_decay=0``; the others keep it in the optimizer. Detach the engine
+    (``engine.detach()``) when done with the model.
+    """
+    params = model.parameters()
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay), None
+    if name in ("lars", "lsalr"):
+        cls = bm.optim.LARS if name == "lars" else bm.optim.LSALR
+        return cls(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay), None
+    if name in ENGINE_MODES:
+        engine = bm.attach(model, mode=name, damping=damping, signal_damping=signal_damping,
+                           weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0), engine
+    raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One training run: optimizer, learning rate, dampings (exact modes only), seed."""
+
+    optim: str
+    lr: float
+    damping: float = 0.0
+    signal_damping: float = 0.0
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        """Human-readable name without the seed: runs with the same label are averaged."""
+        text = f"{self.optim} lr={self.lr:g}"
+        if self.optim in ("exact", "exact_weights"):
+            text += f" λ={self.damping:g}"
+        if self.optim == "exact":
+            text += f" μ={self.signal_damping:g}"
+        return text
+
+    @property
+    def key(self) -> str:
+        """File-name-safe unique name, seed included."""
+        text = f"{self.optim}_lr{self.lr:g}"
+        if self.optim in ("exact", "exact_weights"):
+            text += f"_d{self.damping:g}"
+        if self.optim == "exact":
+            text += f"_sd{self.signal_damping:g}"
+        return f"{text}_seed{self.seed}"
+
+
+def expand_configs(optims, lrs, dampings=(0.0,), signal_dampings=(0.0,), seeds=(0,)) -> list[Config]:
+    """All configurations of the sweep: damping only varies for exact modes, signal damping only for exact."""
+    configs = []
+    for optim in optims:
+        if optim not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optim!r}; choose from {OPTIMIZERS}")
+        for lr in lrs:
+            for damping in (dampings if optim in ("exact", "exact_weights") else [0.0]):
+                for signal_damping in (signal_dampings if optim == "exact" else [0.0]):
+                    for seed in seeds:
+                        configs.append(Config(optim, float(lr), float(damping), float(signal_damping), int(seed)))
+    return list(dict.fromkeys(configs))
+
+
+def lr_at(epoch: int, lr: float, decay: float, every: int) -> float:
+    """Step schedule: ``lr · decay^⌊epoch / every⌋`` (epoch counted from 0)."""
+    return lr * decay ** (epoch // every) if every > 0 else lr
+
+
+class Diverged(Exception):
+    """A configuration stopped: non-finite loss or a non-finite back-matching solve."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(reason)
+        self.step, self.reason = step, reason
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------
+
+
+def read_results(path: Path) -> list[dict]:
+    """The lines of a ``results.jsonl`` (an unfinished last line is ignored)."""
+    if not path.exists():
+        return []
+    lines = []
+    for text in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            continue
+    return lines
+
+
+def _append_line(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _checkpoint_path(out: Path, config: Config) -> Path:
+    return out / "checkpoints" / f"{config.key}.pt"
+
+
+def _load_checkpoint(path: Path) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+
+
+def _prune_results(out: Path) -> None:
+    """Keep only result lines that a checkpoint backs (an epoch logged but not checkpointed is redone)."""
+    path = out / "results.jsonl"
+    kept, checkpoints = [], {}
+    for line in read_results(path):
+        key = line["config"]
+        if key not in checkpoints:
+            ckpt_path = out / "checkpoints" / f"{key}.pt"
+            checkpoints[key] = (torch.load(ckpt_path, map_location="cpu", weights_only=False)
+                                if ckpt_path.exists() else None)
+        ckpt = checkpoints[key]
+        if ckpt is None:
+            continue
+        if line.get("diverged") and ckpt["status"] != "diverged":
+            continue
+        if line["epoch"] <= ckpt["epoch"] or (line.get("diverged") and ckpt["status"] == "diverged"):
+            kept.append(line)
+    tmp = path.with_name("results.jsonl.tmp")
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training one configuration
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` in eval mode on ``(x, y)``."""
+    model.eval()
+    total_loss, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(y), batch_size):
+            logits = model(x[start:start + batch_size])
+            total_loss += float(F.cross_entropy(logits, y[start:start + batch_size], reduction="sum"))
+            correct += int((logits.argmax(1) == y[start:start + batch_size]).sum())
+    model.train()
+    return total_loss / len(y), correct / len(y)
+
+
+def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: Path, progress=None) -> str:
+    """Train one configuration for ``args.epochs`` epochs (continuing its checkpoint if there is one).
+
+    ``tensors``: ``x_train, y_train, x_test, y_test`` on the device, plus
+    ``in_channels`` and ``num_classes``. Appends one line per epoch to
+    ``out/results.jsonl`` and checkpoints after each. Returns ``"done"`` or
+    ``"diverged"``. A KeyboardInterrupt loses only the epoch in progress.
+    """
+    from tqdm import tqdm
+
+    from . import data
+
+    ckpt_path = _checkpoint_path(out, config)
+    ckpt = _load_checkpoint(ckpt_path)
+    if ckpt is not None and progress is not None:
+        progress.update(args.epochs if ckpt["status"] == "diverged" else min(ckpt["epoch"], args.epochs))
+    if ckpt is not None and ckpt["status"] == "diverged":
+        return "diverged"
+    device = tensors["x_train"].device
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(config.seed)
+    model = build_model(args.model, tensors["in_channels"], tensors["num_classes"]).to(device, dtype)
+    optimizer, engine = make_optimizer(config.optim, model, config.lr, args.momentum, args.nesterov,
+                                       args.weight_decay, config.damping, config.signal_damping)
+    generator = torch.Generator().manual_seed(config.seed)
+    epoch, step, wall, last_loss = 0, 0, 0.0, None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        generator.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        epoch, step, wall, last_loss = ckpt["epoch"], ckpt["step"], ckpt["wall_time_s"], ckpt["last_loss"]
+    base = dataclasses.asdict(config) | {"config": config.key, "label": config.label}
+    x_train, y_train = tensors["x_train"], tensors["y_train"]
+    n = len(y_train)
+    try:
+        while epoch < args.epochs:
+            lr_now = lr_at(epoch, config.lr, args.lr_decay, args.decay_every)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_now
+            tick = time.perf_counter()
+            loss_sum, correct, seen, max_loss = 0.0, 0, 0, -math.inf
+            model.train()
+            batches = data.batches(n, args.batch_size, generator)
+            inner = tqdm(batches, total=math.ceil(n / args.batch_size), leave=False, disable=args.no_progress,
+                         desc=f"{config.key} epoch {epoch + 1}")
+            for idx in inner:
+                idx = idx.to(device)
+                x = x_train[idx]
+                if args.augment:
+                    x = data.augment(x, generator)
+                y = y_train[idx]
+                step += 1
+                try:
+                    optimizer.zero_grad(set_to_none=True)
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y)
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise Diverged(step, f"non-finite loss {value}")
+                    if value > args.max_loss:
+                        raise Diverged(step, f"loss {value:.4g} above --max-loss {args.max_loss:g}")
+                    loss.backward()
+                except (bm.NonFiniteError, bm.SolveError) as err:
+                    raise Diverged(step, f"{type(err).__name__}: {err}") from None
+                optimizer.step()
+                last_loss = value
+                max_loss = max(max_loss, value)
+                loss_sum += value * len(y)
+                correct += int((logits.detach().argmax(1) == y).sum())
+                seen += len(y)
+            test_loss, test_acc = evaluate(model, tensors["x_test"], tensors["y_test"])
+            if not math.isfinite(test_loss):  # the epoch's last update made the weights non-finite
+                raise Diverged(step, f"non-finite test loss {test_loss} after the last step of the epoch")
+            epoch += 1
+            epoch_time = time.perf_counter() - tick
+            wall += epoch_time
+            record = base | {"epoch": epoch, "step": step, "lr_now": lr_now, "train_loss": loss_sum / seen,
+                             "max_train_loss": max_loss, "train_acc": correct / seen, "test_loss": test_loss,
+                             "test_acc": test_acc, "epoch_time_s": epoch_time, "wall_time_s": wall, "diverged": False}
+            _append_line(out / "results.jsonl", record)
+            _atomic_save({"config": dataclasses.asdict(config), "status": "running", "epoch": epoch, "step": step,
+                          "wall_time_s": wall, "last_loss": last_loss, "model": model.state_dict(),
+                          "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                          "torch_rng": torch.get_rng_state(),
+                          "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                         ckpt_path)
+            if progress is not None:
+                progress.update(1)
+                progress.write(f"{config.label} seed {config.seed} epoch {epoch}: train loss "
+                               f"{record['train_loss']:.4f}, test acc {test_acc:.4f} ({epoch_time:.1f} s)")
+        return "done"
+    except Diverged as err:
+        wall += time.perf_counter() - tick
+        record = base | {"epoch": epoch + 1, "step": err.step, "diverged": True, "reason": err.reason,
+                         "last_finite_loss": last_loss, "wall_time_s": wall}
+        _append_line(out / "results.jsonl", record)
+        _atomic_save({"config": dataclasses.asdict(config), "status": "diverged", "epoch": epoch, "step": err.step,
+                      "wall_time_s": wall, "last_loss": last_loss, "reason": err.reason}, ckpt_path)
+        if progress is not None:
+            progress.update(args.epochs - epoch)
+            progress.write(f"{config.label} seed {config.seed} DIVERGED at step {err.step} (epoch {epoch + 1}): "
+                           f"{err.reason[:120]}; last finite loss {last_loss}")
+        return "diverged"
+    finally:
+        if engine is not None:
+            engine.detach()
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary
+# --------------------------------------------------------------------------------------------------
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def group_results(results: list[dict]) -> dict[str, dict[int, list[dict]]]:
+    """``{label: {seed: [lines in epoch order]}}``, labels in order of first appearance."""
+    groups: dict[str, dict[int, list[dict]]] = {}
+    for line in results:
+        groups.setdefault(line["label"], {}).setdefault(line["seed"], []).append(line)
+    for seeds in groups.values():
+        for lines in seeds.values():
+            lines.sort(key=lambda l: (l["epoch"], l.get("diverged", False)))
+    return groups
+
+
+def summary_table(results: list[dict]) -> str:
+    """Markdown table: per label, mean ± std over seeds of final and best test accuracy (%), divergences."""
+    header = ["config", "seeds", "epochs", "final test acc %", "best test acc %", "final train loss",
+              "peak step loss", "s / epoch", "diverged"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, seeds in group_results(results).items():
+        finals, bests, losses, peaks, times, diverged, epochs = [], [], [], [], [], [], []
+        for seed, runs in sorted(seeds.items()):
+            done = [r for r in runs if not r.get("diverged")]
+            div = [r for r in runs if r.get("diverged")]
+            if div:
+                d = div[0]
+                loss = d.get("last_finite_loss")
+                diverged.append(f"seed {seed}: epoch {d['epoch']}, step {d['step']}, last loss "
+                                + (f"{loss:.3g}" if loss is not None else "none"))
+            elif done:
+                finals.append(done[-1]["test_acc"])
+                losses.append(done[-1]["train_loss"])
+            if done:
+                bests.append(max(r["test_acc"] for r in done))
+                peaks += [r["max_train_loss"] for r in done if "max_train_loss" in r]
+                times += [r["epoch_time_s"] for r in done]
+                epochs.append(done[-1]["epoch"])
+        n_seeds = len(seeds)
+        cells = [label, str(n_seeds), "/".join(str(e) for e in sorted(set(epochs))) or "0",
+                 _mean_std(finals) if finals else "diverged",
+                 _mean_std(bests), f"{sum(losses) / len(losses):.4f}" if losses else "–",
+                 f"{max(peaks):.3g}" if peaks else "–",
+                 f"{sum(times) / len(times):.1f}" if times else "–",
+                 f"**{len(diverged)}/{n_seeds}** ({'; '.join(diverged)})" if diverged else "0"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summarize(out: Path) -> str:
+    """Rebuild ``summary.md`` and ``curves.png`` from ``out/results.jsonl``; return the markdown."""
+    from . import plots
+
+    out = Path(out)
+    results = read_results(out / "results.jsonl")
+    args = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else {}
+    text = ["# Training comparison", ""]
+    if args:
+        text += [f"Model {args.get('model')} on {args.get('data')}"
+                 + (f" (first {args['train_subset']} training images)" if args.get("train_subset") else "")
+                 + f", batch {args.get('batch_size')}, momentum {args.get('momentum')}"
+                 + (" (Nesterov)" if args.get("nesterov") else "")
+                 + f", weight decay {args.get('weight_decay')}, lr × {args.get('lr_decay')} every "
+                 f"{args.get('decay_every')} epochs" + (", augmented" if args.get("augment") else "") + ".", ""]
+    text += ["Mean ± std over seeds; final accuracy over the seeds that did not diverge. Accuracies on the test set; "
+             "peak step loss: the largest mini-batch loss of any seed in any finished epoch.",
+             "", summary_table(results), ""]
+    if results:
+        plots.training_curves(results, out / "curves.png")
+        text += ["![training curves](curves.png)", ""]
+    markdown = "\n".join(text)
+    (out / "summary.md").write_text(markdown)
+    return markdown
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``backmatch train`` options."""
+    parser.add_argument("--optim", nargs="+", default=["sgd"], choices=OPTIMIZERS)
+    parser.add_argument("--lr", nargs="+", type=float, default=[0.05], help="learning rates (swept)")
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--nesterov", action="store_true")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--damping", nargs="+", type=float, default=[0.0],
+                        help="λ of exact / exact_weights, relative to mean diag G (swept)")
+    parser.add_argument("--signal-damping", nargs="+", type=float, default=[0.0], help="μ of exact (swept)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--lr-decay", type=float, default=0.2, help="multiply the lr by this ...")
+    parser.add_argument("--decay-every", type=int, default=60, help="... every this many epochs")
+    parser.add_argument("--augment", action="store_true", help="random flips and rotations (data.augment)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--max-loss", type=float, default=math.inf,
+                        help="count a training loss above this as divergence too (default: only non-finite)")
+    parser.add_argument("--model", default="lenet", choices=MODELS)
+    parser.add_argument("--data", default="default", help="'default' (shipped Fashion-MNIST subset) or a folder")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--train-subset", type=int, default=0, help="train on the first N examples (0: all)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default; 1 is faster when other jobs share the cores)")
+    parser.add_argument("--out", default="train_out", help="output folder")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
+    parser.add_argument("--overwrite", action="store_true", help="start over, deleting the results in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _prepare_folder(out: Path, args: argparse.Namespace) -> None:
+    """Create or check the output folder; on ``--resume`` check the options and prune unbacked lines."""
+    settings = {k: getattr(args, k) for k in RESUME_KEYS}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    has_results = (out / "results.jsonl").exists() or any((out / "checkpoints").iterdir())
+    if args.resume:
+        if (out / "args.json").exists():
+            old = json.loads((out / "args.json").read_text())
+            changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+            if changed:
+                raise SystemExit(f"--resume with different options than the run in {out}: "
+                                 + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+        _prune_results(out)
+    elif has_results:
+        if not args.overwrite:
+            raise SystemExit(f"{out} already holds results: pass --resume to continue or --overwrite to start over")
+        (out / "results.jsonl").unlink(missing_ok=True)
+        for f in (out / "checkpoints").iterdir():
+            f.unlink()
+    record = {k: v for k, v in vars(args).items() if k != "run"}
+    (out / "args.json").write_text(json.dumps(record, indent=1))
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``backmatch train``; returns the exit status (130 when interrupted)."""
+    from tqdm import tqdm
+
+    from . import data
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    configs = expand_configs(args.optim, args.lr, args.damping, args.signal_damping, args.seeds)
+    _prepare_folder(out, args)
+    dataset = data.load(args.data)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    subset = slice(0, args.train_subset or None)
+    tensors = {"x_train": dataset.x_train[subset].to(device, dtype), "y_train": dataset.y_train[subset].to(device),
+               "x_test": dataset.x_test.to(device, dtype), "y_test": dataset.y_test.to(device),
+               "in_channels": dataset.in_channels, "num_classes": dataset.num_classes}
+    progress = tqdm(total=len(configs) * args.epochs, desc="train", unit="epoch", disable=args.no_progress)
+    status = 0
+    try:
+        for config in configs:
+            train_config(config, tensors, args, out, progress)
+    except KeyboardInterrupt:
+        progress.write(f"interrupted: finished epochs are in {out}/results.jsonl; rerun with --resume to continue")
+        status = 130
+    finally:
+        progress.close()
+    print(summarize(out))
+    return status

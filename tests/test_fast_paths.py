@@ -1,0 +1,363 @@
+"""The engine's fast paths against its plain reference path (``solver.reference = True``), in float64.
+
+The fast path forms the conv Gram by kernel-row lags instead of the im2col matrix,
+takes autograd's own conv weight gradient instead of recomputing ``Sᵀ A``, solves
+from the Gram with one host sync, computes conv column norms as two small matrix
+products and skips the max-pool rule for disjoint windows. Each of these must give
+the reference path's numbers to rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import backmatch_exact as bm
+from backmatch_exact import bench, solver
+from backmatch_exact.layers import rule_for
+from backmatch_exact.layers.base import LayerRule
+from backmatch_exact.layers.pooling import MaxPool2dRule, _disjoint_windows
+
+DT = torch.float64
+TIGHT = 1e-10
+SETTINGS = settings(max_examples=40, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+@contextlib.contextmanager
+def reference_path():
+    saved = solver.reference
+    solver.reference = True
+    try:
+        yield
+    finally:
+        solver.reference = saved
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = b.abs().max()
+    return float((a - b).abs().max() / scale) if scale > 0 else float(a.abs().max())
+
+
+def run_model(model, x, y, **attach):
+    """One backward with the engine: (param grads, x.grad, stats)."""
+    for p in model.parameters():
+        p.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    with bm.attach(model, **attach) as engine:
+        F.cross_entropy(model(x), y).backward()
+        stats = engine.stats()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, x.grad.clone(), stats
+
+
+def both_paths(model, x, y, **attach):
+    fast = run_model(model, x, y, **attach)
+    with reference_path():
+        ref = run_model(model, x, y, **attach)
+    return fast, ref
+
+
+def assert_paths_agree(fast, ref, tol=TIGHT):
+    (fg, fx, fstats), (rg, rx, rstats) = fast, ref
+    assert fg.keys() == rg.keys()
+    for name in rg:
+        assert torch.isfinite(fg[name]).all(), name
+        assert rel(fg[name], rg[name]) < tol, (name, rel(fg[name], rg[name]))
+    assert rel(fx, rx) < tol, ("x.grad", rel(fx, rx))
+    assert [s["layer"] for s in fstats] == [s["layer"] for s in rstats]
+    for f, r in zip(fstats, rstats):
+        for key in ("d", "outputs", "samples", "batch", "path", "rank"):
+            assert f[key] == r[key], (f["layer"], key, f[key], r[key])
+        for key in ("amplification", "damping"):
+            assert f[key] == pytest.approx(r[key], rel=1e-9, abs=1e-300), (f["layer"], key)
+        # (with weight decay on a singular G the normal equations have no exact solution: compare, don't bound)
+        assert f["residual"] == pytest.approx(r["residual"], rel=1e-6, abs=1e-9), (f["layer"], f["residual"])
+        assert isinstance(f["condition"], float) and isinstance(f["residual"], float)
+
+
+def _data(n=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=gen, dtype=DT), torch.randint(0, 10, (n,), generator=gen)
+
+
+# ------------------------------------------------------------------ whole networks
+
+@pytest.mark.parametrize("mode", ["exact", "exact_weights"])
+@pytest.mark.parametrize("attach", [{}, {"damping": 0.1, "signal_damping": 0.5}, {"weight_decay": 0.01},
+                                    {"solve_method": "primal"}, {"solve_method": "dual"}],
+                         ids=["plain", "damped", "weight-decay", "primal", "dual"])
+def test_lenet_fast_equals_reference(mode, attach):
+    torch.manual_seed(0)
+    model = bm.models.lenet_bn().to(DT)
+    x, y = _data(2 if attach.get("solve_method") == "dual" else 16)  # forced dual: N x N kernels, keep N small
+    fast, ref = both_paths(model, x, y, mode=mode, **attach)
+    assert_paths_agree(fast, ref)
+
+
+def test_vgg11_fast_equals_reference():
+    """Padding 1 convs, 2x2 and 1x1 maps (dual solves), a Linear classifier."""
+    torch.manual_seed(1)
+    model = bm.models.vgg_bn(11).to(DT)
+    x, y = _data(4, seed=1)
+    fast, ref = both_paths(model, x, y, mode="exact")
+    assert_paths_agree(fast, ref)
+
+
+def _odd_net():
+    """Biases, affine BN, stride, dilation, 'same' padding, rectangular kernels, overlapping pooling."""
+    torch.manual_seed(2)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, (3, 2), padding=(1, 2), dilation=(1, 2), bias=True), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.MaxPool2d(3, stride=2),
+        nn.Conv2d(4, 5, 3, padding="same", bias=True), nn.BatchNorm2d(5), nn.LeakyReLU(0.2),
+        nn.Conv2d(5, 6, 3, stride=2, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 3 * 3, 10, bias=True),
+    ).to(DT)
+
+
+@pytest.mark.parametrize("mode", ["exact", "exact_weights"])
+def test_odd_network_fast_equals_reference(mode):
+    model = _odd_net()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, 16, 16, generator=gen, dtype=DT)
+    y = torch.randint(0, 10, (5,), generator=gen)
+    fast, ref = both_paths(model, x, y, mode=mode, signal_damping=0.3)
+    assert_paths_agree(fast, ref)
+
+
+def test_frozen_conv_weight_with_trainable_bias():
+    """The conv node gives no g_W: the fast path computes it itself for the joint [W b] solve."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 10)).to(DT)
+    model[0].weight.requires_grad_(False)
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(6, 3, 8, 8, generator=gen, dtype=DT), torch.randint(0, 10, (6,), generator=gen)
+    fast, ref = both_paths(model, x, y, mode="exact")
+    assert_paths_agree(fast, ref)
+
+
+def test_conv_weight_used_outside_is_still_detected():
+    """The fast path's outside-use check: autograd's total differs from the conv node's own g_W."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).to(DT)
+    with bm.attach(model, mode="exact"):
+        loss = model(torch.randn(4, 2, 6, 6, dtype=DT)).sum() + model[0].weight.square().sum()
+        with pytest.raises(bm.GraphError, match="outside"):
+            loss.backward()
+
+
+def test_repeated_steps_with_an_optimizer_match_reference():
+    """Several SGD steps (weights change in place every step): fast and reference trajectories agree."""
+    x, y = _data(8, seed=6)
+    trajectories = []
+    for reference in (False, True):
+        torch.manual_seed(7)
+        model = bm.models.lenet_bn().to(DT)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        ctx = reference_path() if reference else contextlib.nullcontext()
+        with ctx, bm.attach(model, mode="exact"):
+            for _ in range(3):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+        trajectories.append([p.detach().clone() for p in model.parameters()])
+    for fast, ref in zip(*trajectories):
+        assert rel(fast, ref) < 1e-9
+
+
+# ------------------------------------------------------------------ random conv geometries
+
+@st.composite
+def conv_geometries(draw):
+    kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    stride = (draw(st.sampled_from([1, 1, 1, 2])), draw(st.integers(1, 3)))
+    padding = draw(st.sampled_from(["int", "int", "int", "same", "valid"]))
+    if padding == "same":
+        stride = (1, 1)
+        assume(all(d * (k - 1) % 2 == 0 for d, k in zip(dilation, kernel)))
+    elif padding == "int":
+        padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    size = (draw(st.integers(4, 12)), draw(st.integers(4, 12)))
+    pad = (0, 0) if padding == "valid" else padding if padding != "same" else (0, 0)
+    for n, p, d, k in zip(size, pad, dilation, kernel):
+        assume(n + 2 * p - d * (k - 1) - 1 >= 0)
+    return dict(cin=draw(st.integers(1, 4)), cout=draw(st.integers(1, 3)), kernel=kernel, stride=stride,
+                padding=padding, dilation=dilation, bias=draw(st.booleans()), batch=draw(st.integers(1, 4)),
+                size=size, seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def _conv(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    layer = nn.Conv2d(case["cin"], case["cout"], case["kernel"], stride=case["stride"], padding=case["padding"],
+                      dilation=case["dilation"], bias=case["bias"]).to(DT)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=DT))
+    x = torch.randn(case["batch"], case["cin"], *case["size"], generator=gen, dtype=DT)
+    return layer, x, gen
+
+
+@SETTINGS
+@given(case=conv_geometries())
+def test_conv_rule_parts_fast_equal_reference(case):
+    layer, x, gen = _conv(case)
+    rule = rule_for(layer, "conv")
+    with torch.no_grad():
+        g_b = torch.randn(layer(x).shape, generator=gen, dtype=DT)
+    fast = (rule.gram(layer, x, DT), rule.weight_grad(layer, x, g_b), rule.column_sq_norms(layer, x),
+            rule.sample_rows(layer, x))
+    with reference_path():
+        ref = (rule.gram(layer, x, DT), rule.weight_grad(layer, x, g_b), rule.column_sq_norms(layer, x),
+               rule.input_rows(layer, x).shape[0])
+    assert fast[0].shape == ref[0].shape and rel(fast[0], ref[0]) < TIGHT
+    assert rel(fast[0], fast[0].T) < TIGHT
+    assert rel(fast[1], ref[1]) < TIGHT
+    assert fast[2].shape == ref[2].shape and rel(fast[2], ref[2]) < TIGHT
+    assert fast[3] == ref[3]
+    # the dual form's pieces: K = AAᵀ from the pixel Gram, C·A by a weight-gradient convolution
+    rows = rule.input_rows(layer, x)
+    assert rel(rule.kernel(layer, x, DT), rows @ rows.T) < TIGHT
+    coeffs = torch.randn(3, rows.shape[0], generator=gen, dtype=DT)
+    assert rel(rule.rows_product(layer, x, coeffs), coeffs @ rows) < TIGHT
+
+
+@SETTINGS
+@given(case=conv_geometries(), mu=st.sampled_from([0.0, 0.5]), damping=st.sampled_from([0.0, 0.0, 0.1]),
+       method=st.sampled_from(["auto", "primal"]))
+def test_conv_chain_fast_equals_reference(case, mu, damping, method):
+    """Two convs (the lower one gets a back-matched signal), every geometry the rule accepts."""
+    first, x, gen = _conv(case)
+    with torch.no_grad():
+        mid = first(x)
+    second = nn.Conv2d(case["cout"], 2, 1, bias=True).to(DT)
+    model = nn.Sequential(first, nn.LeakyReLU(0.3), second)
+    with torch.no_grad():
+        R = torch.randn(model(x).shape, generator=gen, dtype=DT)
+    results = []
+    for reference in (False, True):
+        ctx = reference_path() if reference else contextlib.nullcontext()
+        for p in model.parameters():
+            p.grad = None
+        xr = x.clone().requires_grad_(True)
+        with ctx, bm.attach(model, mode="exact", signal_damping=mu, damping=damping, solve_method=method) as engine:
+            (model(xr) * R).sum().backward()
+            stats = engine.stats()
+        results.append(([p.grad.clone() for p in model.parameters()], xr.grad.clone(), stats))
+    (fast, fx, fs), (ref, rx, rs) = results
+    for f, r in zip(fast, ref):
+        assert rel(f, r) < 1e-9
+    assert rel(fx, rx) < 1e-9
+    assert [s["path"] for s in fs] == [s["path"] for s in rs]
+    assert mid.shape[1] == case["cout"]
+
+
+# ------------------------------------------------------------------ max pooling
+
+@SETTINGS
+@given(kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+       dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), ceil=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_maxpool_disjoint_fast_path_is_bitwise_the_rule(kernel, stride, dilation, ceil, seed):
+    padding = (kernel[0] // 2, kernel[1] // 2)
+    layer = nn.MaxPool2d(kernel, stride, padding, dilation=dilation, ceil_mode=ceil)
+    assume(_disjoint_windows(layer))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 3, (2, 3, 9, 8), generator=gen).to(DT).requires_grad_(True)  # ties
+    try:
+        out = layer(x)
+    except RuntimeError:
+        assume(False)
+    (g_a,) = torch.autograd.grad(out, x, torch.randn(out.shape, generator=gen, dtype=DT))
+    rule = MaxPool2dRule()
+    fast = rule.signal(layer, x.detach(), g_a, None, 0.0)
+    general = LayerRule.signal(rule, layer, x.detach(), g_a, None, 0.0)
+    assert torch.equal(fast, general)
+
+
+def test_maxpool_overlapping_windows_keep_the_general_rule():
+    assert not _disjoint_windows(nn.MaxPool2d(3, stride=2))
+    assert _disjoint_windows(nn.MaxPool2d(2))
+    assert _disjoint_windows(nn.MaxPool2d(2, stride=3, dilation=2))
+    assert not _disjoint_windows(nn.MaxPool2d(2, stride=2, dilation=2))
+
+
+# ------------------------------------------------------------------ approx mode checks
+
+def test_approx_nan_input_is_named_at_the_first_layer():
+    """Approx mode moved the input check from the forward pass to the weight gradients; same error."""
+    torch.manual_seed(0)
+    model = bm.models.lenet_bn().to(DT)
+    x, y = _data(4)
+    x[1, 0, 3, 3] = float("nan")
+    with bm.attach(model, mode="approx"):
+        with pytest.raises(bm.NonFiniteError, match="cv1.*input.*NaN"):
+            F.cross_entropy(model(x), y).backward()
+
+
+def test_approx_releases_inputs_after_backward():
+    torch.manual_seed(0)
+    model = bm.models.lenet_bn().to(DT)
+    x, y = _data(4)
+    with bm.attach(model, mode="approx") as engine:
+        F.cross_entropy(model(x), y).backward()
+        assert all(call.input is None for call in engine._calls)
+
+
+# ------------------------------------------------------------------ timing and bench
+
+def test_timing_is_off_by_default_and_records_when_on():
+    assert not solver.timing.enabled
+    assert solver.timing.part("x", "gram") is solver.timing.part("y", "solve")  # the shared no-op
+    torch.manual_seed(0)
+    model = bm.models.lenet_bn().to(DT)
+    x, y = _data(4)
+    solver.timing.enable(names={id(m): n for n, m in model.named_modules()})
+    try:
+        run_model(model, x, y, mode="exact")
+        totals = dict(solver.timing.totals)
+    finally:
+        solver.timing.disable()
+    assert not solver.timing.enabled
+    layers = {layer for layer, _ in totals}
+    assert {"cv1", "cv2", "fc1", "fc2", "fc3"} <= layers
+    assert ("cv1", "gram") in totals and ("fc1", "dual") in totals and ("cv2", "factor") in totals
+    assert all(seconds >= 0 for seconds in totals.values())
+
+
+def test_bench_runs_and_reports(tmp_path):
+    report = bench.run("lenet", batch=8, steps=2, warmup=1, threads=1, profile_steps=1, dtype="float32")
+    modes = report["modes"]
+    assert set(modes) == set(bench.MODES)
+    assert modes["plain"]["vs_plain"] == 1.0 and modes["bp"]["vs_bp"] == 1.0
+    assert all(m["median_ms"] > 0 for m in modes.values())
+    assert "cv1" in report["breakdown_ms"] and "gram" in report["breakdown_ms"]["cv1"]
+    text = bench.format_report(report)
+    assert "exact" in text and "gram" in text
+    out = tmp_path / "r.json"
+    assert bench.cli(["--model", "lenet", "--batch", "4", "--steps", "1", "--warmup", "0", "--threads", "1",
+                      "--modes", "plain,exact", "--profile-steps", "0", "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["modes"]) == {"plain", "exact"}
+
+
+def test_retained_graph_second_backward_matches_reference():
+    """retain_graph: the conv node gets a second hook; only the newest acts, as the reference path would."""
+    x, y = _data(4, seed=8)
+    results = []
+    for reference in (False, True):
+        torch.manual_seed(9)
+        model = bm.models.lenet_bn().to(DT)
+        ctx = reference_path() if reference else contextlib.nullcontext()
+        with ctx, bm.attach(model, mode="exact"):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward(retain_graph=True)
+            loss.backward()
+        results.append([p.grad.clone() for p in model.parameters()])
+    for fast, ref in zip(*results):
+        assert rel(fast, ref) < TIGHT
