@@ -9,8 +9,10 @@ before every step (outside the timed region), so every step of a mode does the
 same work. After the warm-up rounds the median over ``--steps`` rounds is
 reported, with the ratios against plain backprop (no engine attached) and
 against the engine's ``bp`` mode. On CUDA each step is bracketed by
-``torch.cuda.synchronize()`` and the peak allocated memory of each mode is
-recorded; TF32 is switched off so that float32 means float32.
+``torch.cuda.synchronize()`` and the peak memory of each mode's step is recorded
+(``max_memory_allocated`` during the step minus what was allocated when it began:
+the step's own activations, gradients and temporaries, not the other modes' model
+copies); TF32 is switched off so that float32 means float32.
 
 Then a few more exact steps run with :data:`backmatch_exact.solver.timing` on
 (synchronized spans, so they are slower than the timed ones): the per-layer
@@ -86,10 +88,17 @@ def run(model: str = "lenet", batch: int = 128, device: str = "cpu", dtype: str 
     ``"cpu"`` (``time.process_time``: CPU seconds of every thread of this process, which a
     shared machine's other jobs barely disturb; with ``threads=1`` the cleanest comparison).
     """
-    from . import solver
-
+    previous = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     if threads:
         torch.set_num_threads(threads)
+    try:
+        return _run(model, batch, device, dtype, steps, warmup, modes, lr, profile_steps, seed, clock)
+    finally:
+        torch.set_num_threads(previous[0])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous[1:]
+
+
+def _run(model, batch, device, dtype, steps, warmup, modes, lr, profile_steps, seed, clock) -> dict:
     dev = torch.device(device)
     timer = time.process_time if clock == "cpu" and dev.type != "cuda" else time.perf_counter
     if dev.type == "cuda":
@@ -113,6 +122,7 @@ def run(model: str = "lenet", batch: int = 128, device: str = "cpu", dtype: str 
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
+                before = torch.cuda.memory_allocated(dev)
             start = timer()
             runner.step(x, y)
             if sync is not None:
@@ -120,8 +130,8 @@ def run(model: str = "lenet", batch: int = 128, device: str = "cpu", dtype: str 
             elapsed = timer() - start
             if round_ >= warmup:
                 times[runner.mode].append(elapsed)
-                if dev.type == "cuda":
-                    peaks[runner.mode] = max(peaks[runner.mode], torch.cuda.max_memory_allocated(dev))
+                if dev.type == "cuda":  # what the step itself allocates at its peak, over what was there
+                    peaks[runner.mode] = max(peaks[runner.mode], torch.cuda.max_memory_allocated(dev) - before)
 
     medians = {mode: statistics.median(t) for mode, t in times.items()}
     report = {
@@ -142,7 +152,7 @@ def run(model: str = "lenet", batch: int = 128, device: str = "cpu", dtype: str 
             entry["vs_plain"] = medians[mode] / medians["plain"]
         if "bp" in medians:
             entry["vs_bp"] = medians[mode] / medians["bp"]
-        entry["peak_memory_bytes"] = peaks[mode] if dev.type == "cuda" else None
+        entry["peak_memory_bytes"] = peaks[mode] if dev.type == "cuda" else None  # step peak over its start
         report["modes"][mode] = entry
     if dev.type == "cuda" and "bp" in peaks and "exact" in peaks and peaks["bp"]:
         report["peak_memory_exact_vs_bp"] = peaks["exact"] / peaks["bp"]
