@@ -15,13 +15,7 @@ from backmatch_exact import compare, train
 from backmatch_exact.compare import ALGORITHM1, EXACT, Approximations
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small problems: one thread is faster, and much faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(n=6, channels=3, seed=0):

@@ -32,13 +32,7 @@ mus = st.sampled_from([0.0, 0.5, 2.0])
 
 # ------------------------------------------------------------------ helpers
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 problems: intra-op threads only add overhead (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randn(gen, *shape):

@@ -12,13 +12,7 @@ from backmatch_exact import train
 TIMING_KEYS = {"epoch_time_s", "wall_time_s"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Same thread count for every run of a test (bitwise equality), and fast on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(out, *extra):
