@@ -57,26 +57,25 @@ class _Call:
     node_token: object = None  # the conv fast path's current hook on that node (the others are stale)
 
 
-class _SignalTap(torch.autograd.Function):
-    """Identity forward; backward replaces the backprop signal at a module input by the back-matched one."""
+class _Tap(torch.autograd.Function):
+    """Identity forward that remembers the engine and the module call for its backward."""
 
     @staticmethod
     def forward(ctx, x, engine, call):
         ctx.engine, ctx.call = engine, call
         return x.view_as(x)
+
+
+class _SignalTap(_Tap):
+    """Backward replaces the backprop signal at a module input by the back-matched one."""
 
     @staticmethod
     def backward(ctx, grad):
         return ctx.engine._input_signal(ctx.call, grad), None, None
 
 
-class _OutputTap(torch.autograd.Function):
-    """Identity forward; backward shows the engine the signal arriving at a module output."""
-
-    @staticmethod
-    def forward(ctx, x, engine, call):
-        ctx.engine, ctx.call = engine, call
-        return x.view_as(x)
+class _OutputTap(_Tap):
+    """Backward shows the engine the signal arriving at a module output."""
 
     @staticmethod
     def backward(ctx, grad):

@@ -330,3 +330,26 @@ def test_exact_mode_on_device(device):
         assert torch.isfinite(got).all(), name
         rel = (got - reference[name]).norm() / reference[name].norm()
         assert rel < 1e-3, (name, float(rel))
+
+
+@pytest.mark.parametrize("mode", ["exact", "exact_weights", "approx"])
+def test_steps_do_not_keep_old_graphs_alive(mode):
+    """Each step's module calls (and the graph they reference) are freed: nothing accumulates over steps."""
+    import gc
+
+    from backmatch_exact.engine import _Call
+
+    model = _lenet()
+    x, y = _batch(8)
+
+    def live_calls():
+        gc.collect()
+        return sum(isinstance(o, _Call) for o in gc.get_objects())
+
+    with bm.attach(model, mode=mode):
+        for _ in range(2):
+            F.cross_entropy(model(x), y).backward()
+        before = live_calls()
+        for _ in range(5):
+            F.cross_entropy(model(x), y).backward()
+        assert live_calls() <= before
