@@ -356,7 +356,7 @@ class Comm:
                     upper = packed.new_zeros(d, d)
                     upper[self._triangle(d)] = packed
                     gram = (upper + upper.triu(1).T).to(dtype)
-                    solved, info = solver.gram_solve(gram, total, engine.damping, engine.relative_damping, layer.path)
+                    solved, info = solver.primal_solve(gram, total, engine.damping, engine.relative_damping, layer.path)
                     samples = self.size * rows.shape[0]
                 else:
                     _, everyone, batch, start = exchanged

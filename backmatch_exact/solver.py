@@ -166,37 +166,6 @@ def min_norm_solve(
     return x.to(grad.dtype), info
 
 
-
-
-def gram_solve(
-    gram: torch.Tensor,
-    grad: torch.Tensor,
-    damping: float = 0.0,
-    relative_damping: bool = True,
-    layer: str = "",
-) -> tuple[torch.Tensor, SolveInfo]:
-    """Primal ``g'_W = grad · (G + λI)⁺`` from an already formed d x d Gram ``G``.
-
-    For callers that hold ``G`` but not the rows it came from (``distributed.py``
-    averages the ranks' Grams). Same damping, factorization and checks as the
-    primal branch of :func:`min_norm_solve`. Result has ``grad``'s dtype.
-    """
-    dtype = solve_dtype(grad.dtype)
-    g = grad.to(dtype)
-    matrix = gram.to(dtype)
-    d = matrix.shape[0]
-    lam = absolute_damping(torch.diagonal(matrix).sum() / d, damping, relative_damping)
-    if lam:
-        matrix = matrix.clone()
-        matrix.diagonal().add_(lam)
-    x, path, rank, condition, fallback = _factor_solve(matrix, g, layer)
-    if not torch.isfinite(x).all():
-        raise NonFiniteError(f"layer {layer}: the back-matched weight gradient is not finite ({path} solve)")
-    scale = torch.linalg.vector_norm(g)
-    residual = float(torch.linalg.vector_norm(x @ matrix - g) / scale) if scale > 0 else 0.0
-    return x.to(grad.dtype), SolveInfo(path, d, rank, condition, lam, residual, fallback)
-
-
 # ------------------------------------------------------------------ fast path: timing, reference switch, primal solve
 
 #: True: the engine takes the plain reference path for weight layers (im2col rows, its own g_W = Sᵀ A,
@@ -287,9 +256,10 @@ def primal_solve(
     relative_damping: bool = True,
     layer: str = "",
 ) -> tuple[torch.Tensor, SolveInfo]:
-    """:func:`gram_solve` with one host sync and the statistics left as tensors.
+    """Primal ``g'_W = grad · (G + λI)⁺`` from an already formed d x d Gram ``G = AᵀA / B``.
 
-    ``gram``: ``G = AᵀA / B`` (d x d). The Cholesky factor, its solve and the
+    For callers that hold ``G`` but not its rows (the fast conv path; ``distributed.py``,
+    which averages the ranks' Grams), with one host sync and the statistics left as tensors. The Cholesky factor, its solve and the
     checks (factorization info, pivot condition, finite answer) run first and
     are read back together; only a failed check leads to :func:`_factor_solve`'s
     eigendecomposition. ``SolveInfo.condition`` and ``residual`` are 0-d tensors
@@ -317,7 +287,7 @@ def primal_solve(
             x, path, rank, condition, fallback = _factor_solve(matrix, g, layer)
         if not torch.isfinite(x).all():
             raise NonFiniteError(f"layer {layer}: the back-matched weight gradient is not finite ({path} solve)")
-    with timing.part(layer, "solve"):  # (g = 0 gives x = 0 and a residual of 0, as in gram_solve)
+    with timing.part(layer, "solve"):  # (g = 0 gives x = 0 and a residual of 0)
         residual = (torch.linalg.vector_norm(torch.addmm(g, x, matrix, beta=-1))
                     / torch.linalg.vector_norm(g).clamp_min(torch.finfo(dtype).tiny))
     return x.to(grad.dtype), SolveInfo(path, d, rank, condition, lam, residual, fallback)
