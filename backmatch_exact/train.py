@@ -24,6 +24,19 @@ Output folder:
 A configuration that diverges — a non-finite loss (or one above ``--max-loss``),
 or the engine raising ``NonFiniteError`` / ``SolveError`` — is recorded with its
 step and last finite loss, and the run goes on with the next configuration.
+
+Several processes (``torchrun --nproc_per_node N -m backmatch_exact.cli train ...``):
+the model is wrapped in ``DistributedDataParallel`` ("gloo" on CPU, "nccl" on
+CUDA, one GPU per process) and the engine attached to it. ``--batch-size`` stays
+the global batch: every rank draws the same batch (and augmentation) from the
+same generator and trains on its 1/N share of it, so the batches, the learning
+rates and the logged numbers mean what they mean in one process. A last batch
+that does not split evenly loses its remainder (fewer than N examples). Rank 0
+alone writes the folder; every rank starts a resumed configuration from rank 0's
+checkpoint, which it receives from rank 0 (no shared file system needed). The
+BatchNorm running statistics are rank 0's (DDP broadcasts them every forward
+pass, and again before each evaluation). Test metrics are computed on each rank's
+share of the test set and summed over the ranks.
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -45,9 +59,10 @@ import backmatch_exact as bm
 OPTIMIZERS = ("sgd", "approx", "exact", "exact_weights", "lars", "lsalr")
 ENGINE_MODES = ("approx", "exact", "exact_weights")
 MODELS = ("lenet", "vgg11", "vgg13", "vgg16", "vgg19")
-#: options that must not change when a run is resumed (they change what an epoch computes)
+#: options that must not change when a run is resumed (they change what an epoch computes);
+#: keep --threads too for bit-identical numbers
 RESUME_KEYS = ("data", "model", "batch_size", "train_subset", "augment", "momentum", "nesterov", "weight_decay",
-               "lr_decay", "decay_every", "dtype", "max_loss")  # keep --threads too for bit-identical numbers
+               "lr_decay", "decay_every", "dtype", "max_loss", "processes")
 
 
 def build_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
@@ -130,6 +145,69 @@ def lr_at(epoch: int, lr: float, decay: float, every: int) -> float:
     return lr * decay ** (epoch // every) if every > 0 else lr
 
 
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    """This process's place in a ``torchrun`` job (``size == 1``: a single process, no ``torch.distributed``)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0: the one that reads and writes the output folder."""
+        return self.rank == 0
+
+    def shard(self, items: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous share of ``items`` (all shares the same size; a remainder is dropped)."""
+        if self.size == 1:
+            return items
+        share = len(items) // self.size
+        return items[self.rank * share:(self.rank + 1) * share]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """``values`` summed over the ranks (float64, on the process group's device)."""
+        if self.size == 1:
+            return values
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        total = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        return total.tolist()
+
+    def align_buffers(self, model: nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running statistics)."""
+        if self.size > 1:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+
+    def from_leader(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def join_process_group(device: str) -> tuple[Ranks, torch.device]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1) join the default process group; return ``(ranks, device)``.
+
+    CUDA: "nccl" with one GPU per process (``cuda:LOCAL_RANK``); otherwise "gloo".
+    A single process returns ``(Ranks(), torch.device(device))`` and initializes nothing.
+    """
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return Ranks(), torch.device(device)
+    if torch.device(device).type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device, backend = f"cuda:{local}", "nccl"
+    else:
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Ranks(dist.get_rank(), dist.get_world_size()), torch.device(device)
+
+
 class Diverged(Exception):
     """A configuration stopped: non-finite loss or a non-finite back-matching solve."""
 
@@ -204,8 +282,16 @@ def _prune_results(out: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` in eval mode on ``(x, y)``."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
+             ranks: Ranks = Ranks()) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` in eval mode on ``(x, y)``.
+
+    With several ranks each evaluates its share of ``(x, y)`` (every example is
+    counted once: the shares here keep the remainder) and the sums are added up.
+    """
+    if ranks.size > 1:
+        bounds = [len(y) * r // ranks.size for r in range(ranks.size + 1)]
+        x, y = x[bounds[ranks.rank]:bounds[ranks.rank + 1]], y[bounds[ranks.rank]:bounds[ranks.rank + 1]]
     model.eval()
     total_loss, correct = 0.0, 0
     with torch.no_grad():
@@ -214,23 +300,25 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
             total_loss += float(F.cross_entropy(logits, y[start:start + batch_size], reduction="sum"))
             correct += int((logits.argmax(1) == y[start:start + batch_size]).sum())
     model.train()
-    return total_loss / len(y), correct / len(y)
+    total_loss, correct, count = ranks.sum([total_loss, correct, len(y)])
+    return total_loss / count, correct / count
 
 
-def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: Path, progress=None) -> str:
+def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: Path, progress=None,
+                 ranks: Ranks = Ranks()) -> str:
     """Train one configuration for ``args.epochs`` epochs (continuing its checkpoint if there is one).
 
     ``tensors``: ``x_train, y_train, x_test, y_test`` on the device, plus
     ``in_channels`` and ``num_classes``. Appends one line per epoch to
-    ``out/results.jsonl`` and checkpoints after each. Returns ``"done"`` or
-    ``"diverged"``. A KeyboardInterrupt loses only the epoch in progress.
+    ``out/results.jsonl`` and checkpoints after each (rank 0 only). Returns
+    ``"done"`` or ``"diverged"``. A KeyboardInterrupt loses only the epoch in progress.
     """
     from tqdm import tqdm
 
     from . import data
 
     ckpt_path = _checkpoint_path(out, config)
-    ckpt = _load_checkpoint(ckpt_path)
+    ckpt = ranks.from_leader(_load_checkpoint(ckpt_path) if ranks.leader else None)
     if ckpt is not None and progress is not None:
         progress.update(args.epochs if ckpt["status"] == "diverged" else min(ckpt["epoch"], args.epochs))
     if ckpt is not None and ckpt["status"] == "diverged":
@@ -239,7 +327,9 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(config.seed)
     model = build_model(args.model, tensors["in_channels"], tensors["num_classes"]).to(device, dtype)
-    optimizer, engine = make_optimizer(config.optim, model, config.lr, args.momentum, args.nesterov,
+    net = model if ranks.size == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None)
+    optimizer, engine = make_optimizer(config.optim, net, config.lr, args.momentum, args.nesterov,
                                        args.weight_decay, config.damping, config.signal_damping)
     generator = torch.Generator().manual_seed(config.seed)
     epoch, step, wall, last_loss = 0, 0, 0.0, None
@@ -263,20 +353,23 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
             loss_sum, correct, seen, max_loss = 0.0, 0, 0, -math.inf
             model.train()
             batches = data.batches(n, args.batch_size, generator)
-            inner = tqdm(batches, total=math.ceil(n / args.batch_size), leave=False, disable=args.no_progress,
-                         desc=f"{config.key} epoch {epoch + 1}")
+            inner = tqdm(batches, total=math.ceil(n / args.batch_size), leave=False,
+                         disable=args.no_progress or not ranks.leader, desc=f"{config.key} epoch {epoch + 1}")
             for idx in inner:
                 idx = idx.to(device)
                 x = x_train[idx]
                 if args.augment:
                     x = data.augment(x, generator)
-                y = y_train[idx]
+                x, y = ranks.shard(x), ranks.shard(y_train[idx])
+                if len(y) == 0:  # a last batch smaller than the number of ranks
+                    continue
                 step += 1
                 try:
                     optimizer.zero_grad(set_to_none=True)
-                    logits = model(x)
+                    logits = net(x)
                     loss = F.cross_entropy(logits, y)
-                    value = loss.item()
+                    local = loss.item()
+                    value = local if ranks.size == 1 else ranks.sum([local])[0] / ranks.size
                     if not math.isfinite(value):
                         raise Diverged(step, f"non-finite loss {value}")
                     if value > args.max_loss:
@@ -287,10 +380,12 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
                 optimizer.step()
                 last_loss = value
                 max_loss = max(max_loss, value)
-                loss_sum += value * len(y)
+                loss_sum += local * len(y)
                 correct += int((logits.detach().argmax(1) == y).sum())
                 seen += len(y)
-            test_loss, test_acc = evaluate(model, tensors["x_test"], tensors["y_test"])
+            loss_sum, correct, seen = ranks.sum([loss_sum, correct, seen])
+            ranks.align_buffers(model)
+            test_loss, test_acc = evaluate(model, tensors["x_test"], tensors["y_test"], ranks=ranks)
             if not math.isfinite(test_loss):  # the epoch's last update made the weights non-finite
                 raise Diverged(step, f"non-finite test loss {test_loss} after the last step of the epoch")
             epoch += 1
@@ -299,13 +394,14 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
             record = base | {"epoch": epoch, "step": step, "lr_now": lr_now, "train_loss": loss_sum / seen,
                              "max_train_loss": max_loss, "train_acc": correct / seen, "test_loss": test_loss,
                              "test_acc": test_acc, "epoch_time_s": epoch_time, "wall_time_s": wall, "diverged": False}
-            _append_line(out / "results.jsonl", record)
-            _atomic_save({"config": dataclasses.asdict(config), "status": "running", "epoch": epoch, "step": step,
-                          "wall_time_s": wall, "last_loss": last_loss, "model": model.state_dict(),
-                          "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                          "torch_rng": torch.get_rng_state(),
-                          "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                         ckpt_path)
+            if ranks.leader:
+                _append_line(out / "results.jsonl", record)
+                _atomic_save({"config": dataclasses.asdict(config), "status": "running", "epoch": epoch,
+                              "step": step, "wall_time_s": wall, "last_loss": last_loss, "model": model.state_dict(),
+                              "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                              "torch_rng": torch.get_rng_state(),
+                              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                             ckpt_path)
             if progress is not None:
                 progress.update(1)
                 progress.write(f"{config.label} seed {config.seed} epoch {epoch}: train loss "
@@ -315,9 +411,11 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
         wall += time.perf_counter() - tick
         record = base | {"epoch": epoch + 1, "step": err.step, "diverged": True, "reason": err.reason,
                          "last_finite_loss": last_loss, "wall_time_s": wall}
-        _append_line(out / "results.jsonl", record)
-        _atomic_save({"config": dataclasses.asdict(config), "status": "diverged", "epoch": epoch, "step": err.step,
-                      "wall_time_s": wall, "last_loss": last_loss, "reason": err.reason}, ckpt_path)
+        if ranks.leader:
+            _append_line(out / "results.jsonl", record)
+            _atomic_save({"config": dataclasses.asdict(config), "status": "diverged", "epoch": epoch,
+                          "step": err.step, "wall_time_s": wall, "last_loss": last_loss, "reason": err.reason},
+                         ckpt_path)
         if progress is not None:
             progress.update(args.epochs - epoch)
             progress.write(f"{config.label} seed {config.seed} DIVERGED at step {err.step} (epoch {epoch + 1}): "
@@ -474,31 +572,56 @@ def _prepare_folder(out: Path, args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``backmatch train``; returns the exit status (130 when interrupted)."""
+    ranks, device = join_process_group(args.device)
+    try:
+        return _run(args, ranks, device)
+    finally:
+        if ranks.size > 1:
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> int:
+    """``main`` once the process group (if any) is joined."""
     from tqdm import tqdm
 
     from . import data
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.batch_size % ranks.size:
+        raise SystemExit(f"--batch-size {args.batch_size} is the global batch: it must be divisible by the "
+                         f"{ranks.size} processes")
+    args.processes = ranks.size
     out = Path(args.out)
     configs = expand_configs(args.optim, args.lr, args.damping, args.signal_damping, args.seeds)
-    _prepare_folder(out, args)
+    problem = None
+    if ranks.leader:
+        try:
+            _prepare_folder(out, args)
+        except SystemExit as err:
+            problem = str(err)
+    problem = ranks.from_leader(problem)
+    if problem:
+        raise SystemExit(problem)
     dataset = data.load(args.data)
-    device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     subset = slice(0, args.train_subset or None)
     tensors = {"x_train": dataset.x_train[subset].to(device, dtype), "y_train": dataset.y_train[subset].to(device),
                "x_test": dataset.x_test.to(device, dtype), "y_test": dataset.y_test.to(device),
                "in_channels": dataset.in_channels, "num_classes": dataset.num_classes}
-    progress = tqdm(total=len(configs) * args.epochs, desc="train", unit="epoch", disable=args.no_progress)
+    progress = tqdm(total=len(configs) * args.epochs, desc="train", unit="epoch",
+                    disable=args.no_progress) if ranks.leader else None
     status = 0
     try:
         for config in configs:
-            train_config(config, tensors, args, out, progress)
+            train_config(config, tensors, args, out, progress, ranks)
     except KeyboardInterrupt:
-        progress.write(f"interrupted: finished epochs are in {out}/results.jsonl; rerun with --resume to continue")
+        if progress is not None:
+            progress.write(f"interrupted: finished epochs are in {out}/results.jsonl; rerun with --resume to continue")
         status = 130
     finally:
-        progress.close()
-    print(summarize(out))
+        if progress is not None:
+            progress.close()
+    if ranks.leader:
+        print(summarize(out))
     return status

@@ -3,6 +3,9 @@
 import argparse
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -136,3 +139,75 @@ def test_lr_schedule_and_optimizers():
             assert engine.weight_decay == 1e-4
             engine.detach()
     assert sum(p.numel() for p in train.build_model("vgg11", 3, 100).parameters()) > 9e6
+
+
+# ------------------------------------------------------------------ under torchrun
+def _torchrun(cwd, *argv, nproc=2):
+    """``torchrun --nproc_per_node nproc -m backmatch_exact.cli train ...`` as a subprocess (2 min cap)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "backmatch_exact.cli", "train", "--no-progress", *argv]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+DIST = ["--optim", "sgd", "exact", "--lr", "0.05", "--signal-damping", "1", "--train-subset", "128",
+        "--batch-size", "64", "--dtype", "float64"]
+
+
+def _sharded_sgd_reference(epochs=2, lr=0.05, momentum=0.9):
+    """What 2 DDP ranks compute for ``sgd``, in one process: each half of the global batch with its own
+    BatchNorm statistics, gradients averaged, rank 0's running statistics kept."""
+    from backmatch_exact import data
+
+    dataset = data.load("default")
+    x_train, y_train = dataset.x_train[:128].double(), dataset.y_train[:128]
+    torch.manual_seed(0)
+    model = train.build_model("lenet", dataset.in_channels, dataset.num_classes).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        for idx in data.batches(128, 64, generator):
+            x, y = x_train[idx], y_train[idx]
+            buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "tracked" in k}
+            grads = []
+            for half in (slice(32, 64), slice(0, 32)):  # rank 1 first; its running statistics are discarded
+                if half.start == 0:
+                    model.load_state_dict(buffers, strict=False)
+                model.zero_grad()
+                torch.nn.functional.cross_entropy(model(x[half]), y[half]).backward()
+                grads.append([p.grad.clone() for p in model.parameters()])
+            for p, g1, g0 in zip(model.parameters(), *grads):
+                p.grad = (g0 + g1) / 2
+            optimizer.step()
+    return model.state_dict()
+
+
+def test_train_under_torchrun_writes_once_and_resumes(tmp_path):
+    straight = _torchrun(tmp_path, *DIST, "--epochs", "2", "--out", "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = _torchrun(tmp_path, *DIST, "--epochs", "1", "--out", "resumed")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = _torchrun(tmp_path, *DIST, "--epochs", "2", "--out", "resumed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    # rank 0 alone writes: one line per configuration and epoch, one summary on stdout
+    lines = train.read_results(tmp_path / "straight" / "results.jsonl")
+    assert [(l["config"], l["epoch"]) for l in lines] == [
+        ("sgd_lr0.05_seed0", 1), ("sgd_lr0.05_seed0", 2), ("exact_lr0.05_d0_sd1_seed0", 1),
+        ("exact_lr0.05_d0_sd1_seed0", 2)]
+    assert straight.stdout.count("# Training comparison") == 1
+    assert json.loads((tmp_path / "straight" / "args.json").read_text())["processes"] == 2
+    by_key = lambda lines: sorted(lines, key=lambda l: (l["config"], l["epoch"]))  # noqa: E731
+    assert by_key(_metrics(tmp_path / "resumed")) == by_key(_metrics(tmp_path / "straight"))
+    for key in ("sgd_lr0.05_seed0", "exact_lr0.05_d0_sd1_seed0"):
+        _assert_same_state(_checkpoint(tmp_path / "straight", key), _checkpoint(tmp_path / "resumed", key))
+
+    # each rank trained on its half of every global batch
+    reference = _sharded_sgd_reference()
+    trained = _checkpoint(tmp_path / "straight", "sgd_lr0.05_seed0")["model"]
+    for name, value in reference.items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-9, atol=1e-12, msg=name)
+
+    # a run made by 2 processes is not resumed by 1 (BatchNorm statistics would change meaning)
+    with pytest.raises(SystemExit, match="processes was 2, now 1"):
+        train.main(_args(tmp_path / "resumed", *DIST[:-4], "--dtype", "float64", "--epochs", "3", "--resume"))
