@@ -574,7 +574,10 @@ def main(args: argparse.Namespace) -> int:
     """Entry point of ``backmatch train``; returns the exit status (130 when interrupted)."""
     ranks, device = join_process_group(args.device)
     try:
-        return _run(args, ranks, device)
+        status = _run(args, ranks, device)
+        if ranks.size > 1:
+            dist.barrier()  # nobody closes its connections while a peer still reads (gloo aborts then)
+        return status
     finally:
         if ranks.size > 1:
             dist.destroy_process_group()

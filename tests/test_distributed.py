@@ -57,6 +57,7 @@ def _cpu_worker(rank, init, out):
     _init(rank, init)
     results = {"ddp": _ddp_part(rank), "bn": _bn_part(rank), "bad": _bad_part(rank)}  # bad input last
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()  # nobody closes its connections while a peer still reads (gloo aborts then)
     dist.destroy_process_group()
 
 
@@ -315,6 +316,7 @@ def _sync_worker(rank, init, out):
             _step(model, x, y)
         results[mode] = _grads(model.module)
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()  # nobody closes its connections while a peer still reads (gloo aborts then)
     dist.destroy_process_group()
 
 

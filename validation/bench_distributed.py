@@ -70,6 +70,7 @@ def _worker(rank: int, procs: int, init: str, args, out: str) -> None:
     params = sum(p.numel() for p in model.parameters())
     torch.save({"steps": steps, "layers": layers, "alone": alone, "params": params, "last": last},
                os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()  # nobody closes its connections while a peer still reads (gloo aborts then)
     dist.destroy_process_group()
 
 
