@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import nn
 
 from .errors import UnsupportedModuleError
@@ -32,30 +33,72 @@ class ApproxFactors:
     ratio: float  # r = g_a / g'_a; the factor at the layer's input is m·r
 
 
+def may_scale(rule: LayerRule) -> bool:
+    """Whether Algorithm 1 can give this rule a ratio other than 1 (the others leave the signal as it is)."""
+    return type(rule).approx_ratio is not LayerRule.approx_ratio
+
+
 def algorithm1(layers: list[tuple[str, nn.Module, LayerRule, tuple, tuple]]) -> list[ApproxFactors]:
     """Factors for each layer of one forward pass.
 
     ``layers``: (path, module, rule, input_shape, output_shape) in execution order.
     """
-    weight_positions = [i for i, (_, _, rule, _, _) in enumerate(layers) if rule.has_weights]
-    _require_batchnorm_after_hidden_weights(layers, weight_positions)
-    places = []
-    producer = None
-    for i, (path, module, rule, in_shape, out_shape) in enumerate(layers):
-        places.append(ApproxPlace(in_shape, _sharing_factor(layers, i) if rule.has_weights else 1.0, producer))
-        if rule.has_weights:
-            producer = module
-    factors: list[ApproxFactors] = [None] * len(layers)
-    m = 1.0  # the loss gradient w.r.t. the network output is the initial signal
-    for i in reversed(range(len(layers))):
-        path, module, rule, _, _ = layers[i]
-        try:
-            ratio = rule.approx_ratio(module, places[i])
-        except UnsupportedModuleError as err:
-            raise UnsupportedModuleError(f"layer {path!r}: {err}") from None
-        factors[i] = ApproxFactors(m, places[i].sharing, ratio)
-        m *= ratio
-    return factors
+    return ApproxPlan(layers).factors()
+
+
+class ApproxPlan:
+    """Algorithm 1 for one chain of layers and shapes: the shape-only part done once.
+
+    The engine keeps one plan per chain it has seen and calls :meth:`factors`
+    every step, which measures all the weights it needs in one batch and walks
+    the layers down. ``layers`` as for :func:`algorithm1`.
+    """
+
+    def __init__(self, layers: list[tuple[str, nn.Module, LayerRule, tuple, tuple]]):
+        weight_positions = [i for i, (_, _, rule, _, _) in enumerate(layers) if rule.has_weights]
+        _require_batchnorm_after_hidden_weights(layers, weight_positions)
+        self.layers = layers
+        self.sq_norms: dict = {}  # shared by every place; refilled by each factors() call
+        self.places = []
+        producer = None
+        for i, (path, module, rule, in_shape, out_shape) in enumerate(layers):
+            sharing = _sharing_factor(layers, i) if rule.has_weights else 1.0
+            self.places.append(ApproxPlace(in_shape, sharing, producer, self.sq_norms))
+            if rule.has_weights:
+                producer = module
+        self.scaling = [i for i, (_, _, rule, _, _) in enumerate(layers) if may_scale(rule)]  # other ratios: 1
+
+    def _measure_weights(self) -> None:
+        """``‖W‖²`` of every weight and BatchNorm γ, in one batch (one host sync instead of one per tensor)."""
+        tensors = [module.weight for _, module, rule, _, _ in self.layers
+                   if (rule.has_weights or rule.needs_output_signal) and getattr(module, "weight", None) is not None]
+        self.sq_norms.clear()
+        if not tensors:
+            return
+        with torch.no_grad():
+            norms = [torch.linalg.vector_norm(t) for t in tensors]
+            try:
+                values = torch.stack(norms).tolist()
+            except RuntimeError:  # weights of several dtypes or devices
+                values = [float(n) for n in norms]
+        self.sq_norms.update((t, v * v) for t, v in zip(tensors, values))
+
+    def factors(self) -> list[ApproxFactors]:
+        """(m, s, r) of every layer, from the weights as they are now."""
+        self._measure_weights()
+        ratios = [1.0] * len(self.layers)
+        for i in self.scaling:
+            path, module, rule, _, _ = self.layers[i]
+            try:
+                ratios[i] = rule.approx_ratio(module, self.places[i])
+            except UnsupportedModuleError as err:
+                raise UnsupportedModuleError(f"layer {path!r}: {err}") from None
+        factors: list[ApproxFactors] = [None] * len(self.layers)
+        m = 1.0  # the loss gradient w.r.t. the network output is the initial signal
+        for i in reversed(range(len(self.layers))):
+            factors[i] = ApproxFactors(m, self.places[i].sharing, ratios[i])
+            m *= ratios[i]
+        return factors
 
 
 def _sharing_factor(layers, i: int) -> float:

@@ -8,7 +8,9 @@ slow spell of a shared machine hits every mode alike; the weights are restored
 before every step (outside the timed region), so every step of a mode does the
 same work. After the warm-up rounds the median over ``--steps`` rounds is
 reported, with the ratios against plain backprop (no engine attached) and
-against the engine's ``bp`` mode. On CUDA each step is bracketed by
+against the engine's ``bp`` mode, and the median over the rounds of each round's
+own ratio to plain backprop (``paired``: a drift of the machine's speed between
+rounds cancels in it, so it is the steadier of the two on a shared machine). On CUDA each step is bracketed by
 ``torch.cuda.synchronize()`` and the peak memory of each mode's step is recorded
 (``max_memory_allocated`` during the step minus what was allocated when it began:
 the step's own activations, gradients and temporaries, not the other modes' model
@@ -150,6 +152,7 @@ def _run(model, batch, device, dtype, steps, warmup, modes, lr, profile_steps, s
                  "q1_ms": 1e3 * t[len(t) // 4], "q3_ms": 1e3 * t[(3 * len(t)) // 4]}
         if "plain" in medians:
             entry["vs_plain"] = medians[mode] / medians["plain"]
+            entry["vs_plain_paired"] = statistics.median(a / b for a, b in zip(times[mode], times["plain"]))
         if "bp" in medians:
             entry["vs_bp"] = medians[mode] / medians["bp"]
         entry["peak_memory_bytes"] = peaks[mode] if dev.type == "cuda" else None  # step peak over its start
@@ -201,12 +204,14 @@ def format_report(report: dict) -> str:
     lines = [f"{cfg['model']} batch {cfg['batch']} {cfg['dtype']} on {cfg['device']} ({cfg['device_name']}), "
              f"{cfg['threads']} threads, median of {cfg['steps']} steps after {cfg['warmup']} warm-up rounds, "
              f"{cfg['clock']} clock"]
-    header = f"{'mode':<14}{'median ms':>11}{'q1 ms':>9}{'q3 ms':>9}{'vs plain':>10}{'vs bp':>8}{'peak MiB':>10}"
+    header = (f"{'mode':<14}{'median ms':>11}{'q1 ms':>9}{'q3 ms':>9}{'vs plain':>10}{'paired':>8}{'vs bp':>8}"
+              f"{'peak MiB':>10}")
     lines += [header, "-" * len(header)]
     for mode, e in report["modes"].items():
         peak = f"{e['peak_memory_bytes'] / 2**20:.0f}" if e["peak_memory_bytes"] else "n/a"
         lines.append(f"{mode:<14}{e['median_ms']:>11.2f}{e['q1_ms']:>9.2f}{e['q3_ms']:>9.2f}"
-                     f"{e.get('vs_plain', float('nan')):>10.3f}{e.get('vs_bp', float('nan')):>8.3f}{peak:>10}")
+                     f"{e.get('vs_plain', float('nan')):>10.3f}{e.get('vs_plain_paired', float('nan')):>8.3f}"
+                     f"{e.get('vs_bp', float('nan')):>8.3f}{peak:>10}")
     if report.get("peak_memory_exact_vs_bp"):
         lines.append(f"peak memory exact / bp: {report['peak_memory_exact_vs_bp']:.3f}")
     if "breakdown_ms" in report:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import distributed, solver
-from .approx import ApproxFactors, algorithm1
+from .approx import ApproxFactors, ApproxPlan, may_scale
 from .errors import BackMatchError, GraphError, NonFiniteError, UnsupportedModuleError
 from .layers import LayerRule, rule_for
 from .layers.base import signal_amplification
@@ -35,15 +35,19 @@ from .layers.base import signal_amplification
 MODES = ("bp", "exact", "exact_weights", "approx")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Layer:
     path: str
     module: nn.Module
     rule: LayerRule
     call: "_Call | None" = None  # the module's call in the current forward pass
+    forward: int = -1  # the engine's forward-pass count when it last ran (a second run in one pass is an error)
+    input_tap: bool = False  # the mode needs a _SignalTap on its input (set by Engine._install)
+    output_tap: bool = False  # ... an _OutputTap on its output
+    check_input: bool = False  # ... a finiteness check of its input in the forward pass
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Call:
     """One module call in one forward pass: what the backward rules need."""
 
@@ -91,12 +95,6 @@ class _OutputTap(_Tap):
 
 def _root(t: torch.Tensor) -> torch.Tensor:
     return t._base if t._base is not None else t
-
-
-@functools.lru_cache(maxsize=None)
-def _approx_may_scale(rule_type) -> bool:
-    """Whether Algorithm 1 can give this rule a ratio other than 1 (else approx mode needs no signal tap)."""
-    return rule_type.approx_ratio is not LayerRule.approx_ratio
 
 
 class _Deferred:
@@ -156,8 +154,11 @@ class Engine:
         self._pending: dict[torch.Tensor, torch.Tensor] = {}
         self._handles: list = []
         self._forward_active = False
+        self._forwards = 0  # forward passes with gradients so far
         self._last_output: torch.Tensor | None = None
         self._calls: list[_Call] = []  # this forward pass's module calls, in execution order
+        self._approx_plans: dict[tuple, ApproxPlan] = {}  # approx mode: Algorithm 1 per chain and shapes
+        self._approx_step = None  # approx mode: (plan, calls) of the last forward pass, for stats()
         self._install()
         if self.distributed is not None:
             self.distributed.install(self)
@@ -183,6 +184,13 @@ class Engine:
         return layers
 
     def _install(self) -> None:
+        exact = self.mode in ("exact", "exact_weights")
+        for layer in self.layers:
+            rule = layer.rule
+            layer.input_tap = rule.changes_signal and (
+                self.mode == "exact" or self.mode == "approx" and may_scale(rule))
+            layer.output_tap = exact and (rule.has_weights or rule.needs_output_signal)
+            layer.check_input = self.mode != "approx" and (rule.has_weights or rule.needs_output_signal)
         hooks = self._handles
         hooks.append(self.model.register_forward_pre_hook(self._model_begin))
         hooks.append(self.model.register_forward_hook(self._model_end))
@@ -210,6 +218,7 @@ class Engine:
     # --------------------------------------------------------------- forward
     def _model_begin(self, model, args):
         self._forward_active = torch.is_grad_enabled()
+        self._forwards += 1
         self._calls = []
         self._last_output = args[0] if len(args) == 1 and isinstance(args[0], torch.Tensor) else None
 
@@ -226,24 +235,37 @@ class Engine:
             )
         if self.mode == "approx":
             self._approx_factors()
-            # approx mode reads no input in backward but a weight layer's, and that only to name a NaN
+        if self.mode in ("approx", "bp"):
+            # bp reads no input in backward, approx only a weight layer's, and that only to name a NaN
             # (_param_grad): let the others go now, as plain backprop would
             for call in self._calls:
-                if not call.layer.rule.has_weights:
+                if self.mode == "bp" or not call.layer.rule.has_weights:
                     call.input = None
         return None
 
     def _approx_factors(self) -> None:
         calls = self._calls
-        chain = [(c.layer.path, c.layer.module, c.layer.rule, tuple(c.input.shape), c.output_shape) for c in calls]
-        for call, factors in zip(calls, algorithm1(chain)):
+        key = tuple((c.layer.path, c.input.shape, c.output_shape) for c in calls)
+        plan = self._approx_plans.get(key)
+        if plan is None:  # a new chain or new shapes: Algorithm 1's shape-only part, once
+            if len(self._approx_plans) >= 16:
+                self._approx_plans.clear()
+            plan = self._approx_plans[key] = ApproxPlan(
+                [(c.layer.path, c.layer.module, c.layer.rule, tuple(c.input.shape), c.output_shape) for c in calls])
+        for call, factors in zip(calls, plan.factors()):
             call.approx = factors
-            layer = call.layer
+        self._approx_step = (plan, calls)  # stats() reads it
+
+    def _approx_stats(self) -> None:
+        """Fill ``_stats`` from the last approx-mode forward pass (done only when stats() asks)."""
+        plan, calls = self._approx_step
+        for call, place in zip(calls, plan.places):
+            layer, factors = call.layer, call.approx
             if layer.rule.has_weights or factors.ratio != 1.0:
                 self._stats[layer.path] = {
                     "layer": layer.path, "kind": type(layer.module).__name__, "m": factors.backward_factor,
                     "s": factors.sharing_factor, "r": factors.ratio,
-                    "c": (call.input.shape[-2] * call.input.shape[-1] / factors.sharing_factor
+                    "c": (place.input_shape[-2] * place.input_shape[-1] / factors.sharing_factor
                           if isinstance(layer.module, nn.Conv2d) else 1.0),
                     "scale": 1.0 / (factors.backward_factor * factors.sharing_factor),
                 }
@@ -258,42 +280,40 @@ class Engine:
             raise GraphError(f"layer {layer.path!r} ran outside a forward pass of the attached model")
         if len(args) != 1 or not isinstance(args[0], torch.Tensor):
             raise GraphError(f"layer {layer.path!r} must take exactly one tensor input")
-        if any(c.layer is layer for c in self._calls):
+        if layer.forward == self._forwards:
             raise GraphError(
                 f"layer {layer.path!r} ran twice in one forward pass: shared weights are not supported"
             )
+        layer.forward = self._forwards
         x = args[0]
-        first = not self._calls
-        chained = self._last_output is not None and _root(x) is _root(self._last_output)
-        if not chained and not (first and not x.requires_grad):
+        last = self._last_output
+        if not (last is not None and _root(x) is _root(last)) and (self._calls or x.requires_grad):
             raise GraphError(
                 f"layer {layer.path!r} ({type(module).__name__}) does not take the output of the previous "
                 f"module ({self._last_path()}): work between supported modules (a functional call, a residual "
                 "branch) has no back-matching rule"
             )
-        call = _Call(layer, x)
+        layer.call = call = _Call(layer, x)
         self._calls.append(call)
-        layer.call = call
-        if (layer.rule.has_weights or layer.rule.needs_output_signal) and self.mode != "approx":
+        if layer.check_input:
             _check_finite(x, "input", layer, self.distributed)  # approx mode: in _param_grad, only if needed
-        if x.requires_grad and layer.rule.changes_signal and (
-                self.mode == "exact" or self.mode == "approx" and _approx_may_scale(type(layer.rule))):
-            x = _SignalTap.apply(x, self, call)
+        changed = False
+        if layer.input_tap and x.requires_grad:
+            x, changed = _SignalTap.apply(x, self, call), True
         if getattr(module, "inplace", False):
-            x = x.clone()  # the in-place op then writes to our copy, never to a tapped view
-        return (x,)
+            x, changed = x.clone(), True  # the in-place op then writes to our copy, never to a tapped view
+        return (x,) if changed else None
 
     def _after(self, layer: _Layer, module, args, output):
         if not torch.is_grad_enabled():
             return None
-        rule = layer.rule
-        layer.call.output_shape = tuple(output.shape)
-        needs_tap = (self.mode in ("exact", "exact_weights") and (rule.has_weights or rule.needs_output_signal)
-                     and output.requires_grad)
-        if needs_tap:
+        layer.call.output_shape = output.shape
+        if layer.output_tap and output.requires_grad:
             output = _OutputTap.apply(output, self, layer.call)
+            self._last_output = output
+            return output
         self._last_output = output
-        return output
+        return None
 
     # -------------------------------------------------------------- backward
     def _output_signal(self, call: _Call, grad: torch.Tensor) -> None:
@@ -453,7 +473,7 @@ class Engine:
         if self.mode == "approx":
             # the signals arriving were already divided by m, so autograd's grad is g_W / m
             factors = layer.call.approx
-            scaled = grad / factors.sharing_factor
+            scaled = grad if factors.sharing_factor == 1.0 else grad / factors.sharing_factor
             if self.weight_decay:
                 scaled = scaled + (self.weight_decay / (factors.backward_factor * factors.sharing_factor)) * param
             call = layer.call
@@ -508,6 +528,9 @@ class Engine:
         (sharing factor), ``c`` (conv factor), ``r`` (ratio g_a / g'_a) and
         ``scale`` = 1/(m·s), the factor applied to the weight gradient.
         """
+        if self._approx_step is not None:
+            self._approx_stats()
+            self._approx_step = None
         rows = [self._stats[layer.path] for layer in self.layers if layer.path in self._stats]
         for row in rows:  # the fast path leaves some values as 0-d tensors or deferred: read them here, once
             for key, value in row.items():

@@ -181,3 +181,29 @@ def test_approx_drives_stock_optimizers(make_opt):
     engine.detach()
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         assert torch.allclose(p, q, rtol=1e-10, atol=1e-12), name
+
+
+def test_one_engine_follows_new_shapes_and_new_weights():
+    """The engine reuses Algorithm 1's shape-only work between steps: a new input size or new weights must
+    still give what a freshly attached engine gives."""
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                             nn.Flatten(), nn.Linear(16, 5)).double()
+
+    torch.manual_seed(0)
+    model, twin = net(), net()
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 5, (6,), generator=gen)
+    engine = bm.attach(model, mode="approx")
+    for size, weight_scale in ((8, 1.0), (12, 1.0), (12, 3.0), (8, 0.5)):
+        with torch.no_grad():
+            model[0].weight.mul_(weight_scale)
+        x = torch.randn(6, 3, size, size, generator=gen, dtype=torch.float64)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        twin.load_state_dict(model.state_dict())
+        fresh_grads, fresh_stats = _grads(twin, x, y, mode="approx")  # a new engine
+        assert engine.stats() == fresh_stats, (size, weight_scale)
+        for name, p in model.named_parameters():
+            assert torch.equal(p.grad, fresh_grads[name]), (size, weight_scale, name)
+    engine.detach()

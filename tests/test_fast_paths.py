@@ -338,7 +338,7 @@ def test_bench_runs_and_reports(tmp_path):
     report = bench.run("lenet", batch=8, steps=2, warmup=1, threads=1, profile_steps=1, dtype="float32")
     modes = report["modes"]
     assert set(modes) == set(bench.MODES)
-    assert modes["plain"]["vs_plain"] == 1.0 and modes["bp"]["vs_bp"] == 1.0
+    assert modes["plain"]["vs_plain"] == modes["plain"]["vs_plain_paired"] == modes["bp"]["vs_bp"] == 1.0
     assert all(m["median_ms"] > 0 for m in modes.values())
     assert "cv1" in report["breakdown_ms"] and "gram" in report["breakdown_ms"]["cv1"]
     text = bench.format_report(report)

@@ -84,21 +84,29 @@ class ApproxPlace:
     sharing: s, for a Conv2d the spatial locations of its output after any pooling
         before the next weight layer (1 for other layers).
     producer: for a BatchNorm, the weight layer whose output it normalizes.
+    sq_norms: ``‖t‖²`` of this step's weights, computed together (``approx.ApproxPlan``);
+        a tensor missing from it is measured on its own.
     """
 
     input_shape: tuple
     sharing: float = 1.0
     producer: nn.Module | None = None
+    sq_norms: dict = dataclasses.field(default_factory=dict)
+
+    def sq_norm(self, tensor: torch.Tensor) -> float:
+        """``‖tensor‖²`` (sum of squares)."""
+        value = self.sq_norms.get(tensor)
+        return float(tensor.detach().square().sum()) if value is None else value
 
 
-def mean_sq_row_norm(weight: torch.Tensor) -> float:
+def mean_sq_row_norm(weight: torch.Tensor, place: ApproxPlace | None = None) -> float:
     """‖W‖²_{2,µ}: mean over output units (rows of W_row) of the squared row norm."""
-    return float(weight.detach().square().sum()) / weight.shape[0]
+    return (place or ApproxPlace(())).sq_norm(weight) / weight.shape[0]
 
 
-def mean_sq_column_norm(weight: torch.Tensor) -> float:
+def mean_sq_column_norm(weight: torch.Tensor, place: ApproxPlace | None = None) -> float:
     """‖Wᵀ‖²_{2,µ} (‖W_col‖²_{2,µ} for a conv): mean over input channels of the squared norm of their weights."""
-    return float(weight.detach().square().sum()) / weight.shape[1]
+    return (place or ApproxPlace(())).sq_norm(weight) / weight.shape[1]
 
 
 class WeightRule(LayerRule):

@@ -89,8 +89,8 @@ class BatchNormRule(LayerRule):
                 f"{type(module).__name__} with no weight layer before it: Algorithm 1 estimates its variance "
                 "from the weights of the layer that feeds it"
             )
-        gamma_sq = float(module.weight.detach().square().mean()) if module.weight is not None else 1.0
-        return gamma_sq / mean_sq_row_norm(place.producer.weight)  # eq. 36
+        gamma_sq = place.sq_norm(module.weight) / module.weight.numel() if module.weight is not None else 1.0
+        return gamma_sq / mean_sq_row_norm(place.producer.weight, place)  # eq. 36
 
     def signal(self, module, a, grad_input, grad_output, signal_damping):
         scale = batch_std(module, a)  # eq. 26

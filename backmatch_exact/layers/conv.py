@@ -84,7 +84,7 @@ class Conv2dRule(WeightRule):
 
     def approx_ratio(self, module: nn.Conv2d, place) -> float:
         input_locations = place.input_shape[-2] * place.input_shape[-1]
-        return mean_sq_column_norm(module.weight) * place.sharing / input_locations  # eq. 35
+        return mean_sq_column_norm(module.weight, place) * place.sharing / input_locations  # eq. 35
 
     # ------------------------------------------------------------ fast path (solver.reference=False)
     def sample_rows(self, module: nn.Conv2d, a: torch.Tensor) -> int:
