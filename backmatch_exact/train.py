@@ -575,7 +575,7 @@ def main(args: argparse.Namespace) -> int:
     ranks, device = join_process_group(args.device)
     try:
         status = _run(args, ranks, device)
-        if ranks.size > 1:
+        if ranks.size > 1 and status == 0:  # (after Ctrl-C the other ranks may be gone: no barrier then)
             dist.barrier()  # nobody closes its connections while a peer still reads (gloo aborts then)
         return status
     finally:
