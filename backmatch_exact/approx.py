@@ -67,11 +67,12 @@ class ApproxPlan:
             if rule.has_weights:
                 producer = module
         self.scaling = [i for i, (_, _, rule, _, _) in enumerate(layers) if may_scale(rule)]  # other ratios: 1
+        # whose weight (a Linear/Conv2d W, a BatchNorm γ) a ratio may read
+        self.weighted = [module for _, module, rule, _, _ in layers if rule.has_weights or rule.needs_output_signal]
 
     def _measure_weights(self) -> None:
         """``‖W‖²`` of every weight and BatchNorm γ, in one batch (one host sync instead of one per tensor)."""
-        tensors = [module.weight for _, module, rule, _, _ in self.layers
-                   if (rule.has_weights or rule.needs_output_signal) and getattr(module, "weight", None) is not None]
+        tensors = [module.weight for module in self.weighted if getattr(module, "weight", None) is not None]
         self.sq_norms.clear()
         if not tensors:
             return

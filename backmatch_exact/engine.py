@@ -245,13 +245,12 @@ class Engine:
 
     def _approx_factors(self) -> None:
         calls = self._calls
-        key = tuple((c.layer.path, c.input.shape, c.output_shape) for c in calls)
-        plan = self._approx_plans.get(key)
+        chain = tuple((c.layer.path, c.layer.module, c.layer.rule, c.input.shape, c.output_shape) for c in calls)
+        plan = self._approx_plans.get(chain)
         if plan is None:  # a new chain or new shapes: Algorithm 1's shape-only part, once
             if len(self._approx_plans) >= 16:
                 self._approx_plans.clear()
-            plan = self._approx_plans[key] = ApproxPlan(
-                [(c.layer.path, c.layer.module, c.layer.rule, tuple(c.input.shape), c.output_shape) for c in calls])
+            plan = self._approx_plans[chain] = ApproxPlan(list(chain))
         for call, factors in zip(calls, plan.factors()):
             call.approx = factors
         self._approx_step = (plan, calls)  # stats() reads it
@@ -308,12 +307,11 @@ class Engine:
         if not torch.is_grad_enabled():
             return None
         layer.call.output_shape = output.shape
-        if layer.output_tap and output.requires_grad:
+        tapped = layer.output_tap and output.requires_grad
+        if tapped:
             output = _OutputTap.apply(output, self, layer.call)
-            self._last_output = output
-            return output
         self._last_output = output
-        return None
+        return output if tapped else None
 
     # -------------------------------------------------------------- backward
     def _output_signal(self, call: _Call, grad: torch.Tensor) -> None:

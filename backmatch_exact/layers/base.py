@@ -93,20 +93,21 @@ class ApproxPlace:
     producer: nn.Module | None = None
     sq_norms: dict = dataclasses.field(default_factory=dict)
 
-    def sq_norm(self, tensor: torch.Tensor) -> float:
-        """``‖tensor‖²`` (sum of squares)."""
-        value = self.sq_norms.get(tensor)
-        return float(tensor.detach().square().sum()) if value is None else value
+
+def squared_norm(tensor: torch.Tensor, place: ApproxPlace | None = None) -> float:
+    """``‖tensor‖²`` (sum of squares): from ``place.sq_norms`` when it holds the tensor, else measured here."""
+    value = place.sq_norms.get(tensor) if place is not None else None
+    return float(tensor.detach().square().sum()) if value is None else value
 
 
 def mean_sq_row_norm(weight: torch.Tensor, place: ApproxPlace | None = None) -> float:
     """‖W‖²_{2,µ}: mean over output units (rows of W_row) of the squared row norm."""
-    return (place or ApproxPlace(())).sq_norm(weight) / weight.shape[0]
+    return squared_norm(weight, place) / weight.shape[0]
 
 
 def mean_sq_column_norm(weight: torch.Tensor, place: ApproxPlace | None = None) -> float:
     """‖Wᵀ‖²_{2,µ} (‖W_col‖²_{2,µ} for a conv): mean over input channels of the squared norm of their weights."""
-    return (place or ApproxPlace(())).sq_norm(weight) / weight.shape[1]
+    return squared_norm(weight, place) / weight.shape[1]
 
 
 class WeightRule(LayerRule):

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import UnsupportedModuleError
-from .base import LayerRule, mean_sq_row_norm
+from .base import LayerRule, mean_sq_row_norm, squared_norm
 
 
 def _channel_view(t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ class BatchNormRule(LayerRule):
                 f"{type(module).__name__} with no weight layer before it: Algorithm 1 estimates its variance "
                 "from the weights of the layer that feeds it"
             )
-        gamma_sq = place.sq_norm(module.weight) / module.weight.numel() if module.weight is not None else 1.0
+        gamma_sq = squared_norm(module.weight, place) / module.weight.numel() if module.weight is not None else 1.0
         return gamma_sq / mean_sq_row_norm(place.producer.weight, place)  # eq. 36
 
     def signal(self, module, a, grad_input, grad_output, signal_damping):
