@@ -157,12 +157,16 @@ class Ranks:
         """Rank 0: the one that reads and writes the output folder."""
         return self.rank == 0
 
-    def shard(self, items: torch.Tensor) -> torch.Tensor:
-        """This rank's contiguous share of ``items`` (all shares the same size; a remainder is dropped)."""
+    def shard(self, items: torch.Tensor, equal: bool = True) -> torch.Tensor:
+        """This rank's contiguous share of ``items``.
+
+        ``equal``: every share the same size, a remainder of fewer than ``size`` items dropped (training
+        batches); otherwise every item in exactly one share, sizes differing by at most one (evaluation).
+        """
         if self.size == 1:
             return items
-        share = len(items) // self.size
-        return items[self.rank * share:(self.rank + 1) * share]
+        n = len(items) // self.size * self.size if equal else len(items)
+        return items[n * self.rank // self.size:n * (self.rank + 1) // self.size]
 
     def sum(self, values: list[float]) -> list[float]:
         """``values`` summed over the ranks (float64, on the process group's device)."""
@@ -289,9 +293,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     With several ranks each evaluates its share of ``(x, y)`` (every example is
     counted once: the shares here keep the remainder) and the sums are added up.
     """
-    if ranks.size > 1:
-        bounds = [len(y) * r // ranks.size for r in range(ranks.size + 1)]
-        x, y = x[bounds[ranks.rank]:bounds[ranks.rank + 1]], y[bounds[ranks.rank]:bounds[ranks.rank + 1]]
+    x, y = ranks.shard(x, equal=False), ranks.shard(y, equal=False)
     model.eval()
     total_loss, correct = 0.0, 0
     with torch.no_grad():
@@ -369,7 +371,7 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
                     logits = net(x)
                     loss = F.cross_entropy(logits, y)
                     local = loss.item()
-                    value = local if ranks.size == 1 else ranks.sum([local])[0] / ranks.size
+                    value = ranks.sum([local])[0] / ranks.size  # the global batch's loss
                     if not math.isfinite(value):
                         raise Diverged(step, f"non-finite loss {value}")
                     if value > args.max_loss:
