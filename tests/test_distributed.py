@@ -72,6 +72,12 @@ def _data(n=WORLD * SHARD, seed=0, dtype=torch.float64):
     return torch.randn(n, 3, 8, 8, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen)
 
 
+def _shard(rank):
+    """Rank ``rank``'s SHARD samples of ``_data()`` (a copy: a test may write NaNs into it)."""
+    x, y = _data()
+    return x[rank * SHARD:(rank + 1) * SHARD].clone(), y[rank * SHARD:(rank + 1) * SHARD]
+
+
 def _plain_net():
     """Conv (Gram exchange) → pool → Linear 36→6 (rows exchange: 8 samples <= 37) → Linear 6→3 (Gram: 8 > 7)."""
     torch.manual_seed(0)
@@ -116,8 +122,7 @@ CONFIGS = [("exact", {}), ("exact_weights", {}), ("exact_weights", {"weight_deca
 
 
 def _ddp_part(rank):
-    x, y = _data()
-    x, y = x[rank * SHARD:(rank + 1) * SHARD], y[rank * SHARD:(rank + 1) * SHARD]
+    x, y = _shard(rank)
     results = {}
     for i, (mode, kwargs) in enumerate(CONFIGS):
         model = DDP(_plain_net())
@@ -165,8 +170,7 @@ BN_CONFIGS = [("exact", {}), ("exact_weights", {"weight_decay": 0.01}), ("approx
 
 
 def _bn_part(rank):
-    x, y = _data()
-    x, y = x[rank * SHARD:(rank + 1) * SHARD], y[rank * SHARD:(rank + 1) * SHARD]
+    x, y = _shard(rank)
     results = {}
     for i, (mode, kwargs) in enumerate(BN_CONFIGS):
         model = DDP(_bn_net())
@@ -253,8 +257,7 @@ def test_plain_batchnorm_equals_per_shard_reference(spawned):
 
 # ---------------------------------------------------------------- bad input
 def _bad_part(rank):
-    x, y = _data()
-    x, y = x[rank * SHARD:(rank + 1) * SHARD].clone(), y[rank * SHARD:(rank + 1) * SHARD]
+    x, y = _shard(rank)
     outcome = {}
 
     def attempt(name, make, mode, inputs, scale=1.0, labels=y):
@@ -307,8 +310,7 @@ def test_sync_batchnorm_is_batchnorm_in_one_process():
 def _sync_worker(rank, init, out):
     torch.cuda.set_device(rank % torch.cuda.device_count())  # one GPU: both ranks share it over gloo
     _init(rank, init, device="cuda")
-    x, y = _data()
-    x, y = x[rank * SHARD:(rank + 1) * SHARD].cuda(), y[rank * SHARD:(rank + 1) * SHARD].cuda()
+    x, y = (t.cuda() for t in _shard(rank))
     results = {}
     for mode in ("exact", "exact_weights"):
         model = DDP(_bn_net(nn.SyncBatchNorm, nn.SyncBatchNorm).cuda())
