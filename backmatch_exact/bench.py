@@ -16,8 +16,8 @@ rounds cancels in it, so it is the steadier of the two on a shared machine). On 
 the step's own activations, gradients and temporaries, not the other modes' model
 copies); TF32 is switched off so that float32 means float32.
 
-Then a few more exact steps run with :data:`backmatch_exact.solver.timing` on
-(synchronized spans, so they are slower than the timed ones): the per-layer
+Then a few more exact steps run with the engine's timing on (``engine.timing``,
+synchronized spans, so they are slower than the timed ones): the per-layer
 breakdown of what the exact step adds — Gram formation, factorization, solve,
 column norms, signal rescaling — in milliseconds per step.
 
@@ -175,10 +175,8 @@ def _run(model, batch, device, dtype, steps, warmup, modes, lr, profile_steps, s
 
 def _breakdown(runner: _Runner, x, y, sync, steps: int, timer=time.perf_counter):
     """Per layer and part, milliseconds per exact step with the engine's timing spans on."""
-    from . import solver
-
-    names = {id(m): n for n, m in runner.model.named_modules()}
-    solver.timing.enable(sync, names, timer)
+    timing = runner.engine.timing
+    timing.enable(sync, timer)
     try:
         total = 0.0
         for _ in range(steps):
@@ -188,9 +186,9 @@ def _breakdown(runner: _Runner, x, y, sync, steps: int, timer=time.perf_counter)
             if sync is not None:
                 sync()
             total += timer() - start
-        totals = dict(solver.timing.totals)
+        totals = dict(timing.totals)
     finally:
-        solver.timing.disable()
+        timing.disable()
     layers: dict[str, dict[str, float]] = {}
     for (layer, part), seconds in totals.items():
         layers.setdefault(layer, {})[part] = 1e3 * seconds / steps

@@ -58,6 +58,25 @@ the next exchange, so no rank is left waiting in a collective.
 ``engine.distributed.last_step`` reports, for the last step, the collectives,
 the bytes each rank hands to them (``payload_bytes``), a ring estimate of the
 bytes each rank sends (``wire_bytes``) and the seconds spent inside them.
+
+The engine's interface
+----------------------
+An engine whose ``engine.distributed`` is a :class:`Comm` calls it, and it never
+reads or writes the engine:
+
+* ``attach(layers, settings)`` once: ``(path, kind)`` of every module in network
+  order (a bad-value flag names its layer by index) and the engine's ``weights.Settings``;
+* ``forward_end(calls, output, row_source)`` at the end of every forward pass with
+  gradients: the module calls in order (``call.layer.path / .rule / .module``,
+  ``call.input``) and ``row_source(call)``, a weight layer's local ``RowSource``.
+  Exchanges, and queues the end-of-backward check on ``output``;
+* ``problem(path, local, signals)`` for each weight layer in backward: the
+  ``(source, signals, exchange)`` that ``weights.solve`` is to use instead of
+  this rank's own ``local`` source and ``signals()``;
+* ``parameter_gram(path)``: the averaged Gram of a layer that solves its own
+  parameters (``LayerRule.parameter_gram``: BatchNorm's ``G_γ``);
+* ``record_bad(path, what, exc=None)`` where a single process would raise, and
+  ``failed``: whether this rank has seen a bad value since the last check.
 """
 
 from __future__ import annotations
@@ -72,8 +91,7 @@ from torch import nn
 
 from . import solver
 from .errors import BackMatchError, GraphError, NonFiniteError, UnsupportedModuleError
-from .layers.base import signal_amplification
-from .layers.batchnorm import _reduce_dims, normalized
+from .weights import ExchangedGram, ExplicitRows, RowSource, Settings
 
 #: what a rank can find bad, in the order of the code its flag carries (code = index + 1)
 WHATS = ("input", "signal arriving at the output", "back-matched input signal", "back-matched weight gradient",
@@ -123,38 +141,40 @@ class Comm:
             except (RuntimeError, ValueError):
                 self.global_ranks.append(q)
         self.exact = mode in ("exact", "exact_weights")
-        self.layers: list = []
+        self.layers: list[tuple[str, str]] = []
         self.index: dict[str, int] = {}
+        self.settings = Settings()
         self.last_step: dict = {}
         self._bad = None  # (layer index, code, local exception): this rank's first bad value since the last check
         self._exchanged: dict[str, tuple] = {}  # layer path -> what the ranks agreed on for this step
         self._device = torch.device("cpu")
         self._masks: dict = {}
 
-    # ---------------------------------------------------------------- hooks
-    def install(self, engine) -> None:
-        """Hook the end of the engine's model's forward pass (after the engine's own hook)."""
-        self.layers = engine.layers
-        self.index = {layer.path: i for i, layer in enumerate(engine.layers)}
-        engine._handles.append(engine.model.register_forward_hook(functools.partial(self._forward_end, engine)))
+    def attach(self, layers: list[tuple[str, str]], settings: Settings) -> None:
+        """``(path, kind)`` of the engine's modules in network order, and its solve settings."""
+        self.layers, self.settings = list(layers), settings
+        self.index = {path: i for i, (path, _) in enumerate(self.layers)}
 
-    def record_bad(self, layer, what: str, exc: BaseException | None = None) -> None:
+    @property
+    def failed(self) -> bool:
+        """This rank has seen a bad value since the last check (its step fails there)."""
+        return self._bad is not None
+
+    def record_bad(self, path: str, what: str, exc: BaseException | None = None) -> None:
         """Remember this rank's first bad value; every rank raises at the next exchange instead of this one now."""
         if self._bad is None:
             code = WHATS.index(what) + 1 if what in WHATS else len(WHATS)
-            self._bad = (self.index.get(layer.path, -1), code, exc)
+            self._bad = (self.index.get(path, -1), code, exc)
 
-    def _forward_end(self, engine, module, args, output):
-        if not torch.is_grad_enabled() or not engine._calls:
-            return None
-        self._device = engine._calls[0].input.device
+    def forward_end(self, calls: list, output, row_source) -> None:
+        """End of a forward pass: queue the end-of-backward check; in exact modes, exchange."""
+        self._device = calls[0].input.device
         self._exchanged = {}
         self.last_step = {"collectives": [], "payload_bytes": 0, "wire_bytes": 0, "seconds": 0.0}
         if isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(self._queue_check)
         if self.exact:
-            self._exchange(engine)
-        return None
+            self._exchange(calls, row_source)
 
     def _queue_check(self, grad):
         torch.autograd.Variable._execution_engine.queue_callback(self._check)
@@ -198,8 +218,8 @@ class Comm:
         self._bad = None
         parts = []
         for q, code, where in bad:
-            layer = self.layers[where] if 0 <= where < len(self.layers) else None
-            place = f"layer {layer.path!r} ({type(layer.module).__name__})" if layer is not None else "the model"
+            place = (f"layer {self.layers[where][0]!r} ({self.layers[where][1]})" if 0 <= where < len(self.layers)
+                     else "the model")
             what = WHATS[code - 1]
             problem = "failed" if what == "local computation" else "contains NaN or infinity"
             parts.append(f"rank {self.global_ranks[q]} of {self.size}: {place}: {what} {problem}")
@@ -214,28 +234,25 @@ class Comm:
             self._masks[key] = torch.ones(d, d, dtype=torch.bool, device=self._device).triu()
         return self._masks[key]
 
-    def _exchange(self, engine) -> None:
-        """End of forward: agree on shapes and flags, then average the Grams / gather the rows of every layer."""
+    def _exchange(self, calls: list, row_source) -> None:
+        """Agree on shapes and flags, then average the Grams / gather the rows of every layer."""
         k, me = self.size, self.rank
-        weights, affine, shapes = [], [], []
-        for call in engine._calls:
-            layer = call.layer
-            rule, module = layer.rule, layer.module
+        local, affine, shapes = [], [], []
+        for call in calls:
+            path, rule, module = call.layer.path, call.layer.rule, call.layer.module
             try:
                 if rule.has_weights:
+                    source = row_source(call)
+                    local.append((call, source))
+                    shapes.append((self.index[path], source.samples, source.d, source.batch))
+                elif rule.solves_parameters(module):
                     a = call.input.detach()
-                    rows = rule.input_rows(module, a)
-                    batch = a.shape[0] if a.dim() > 1 else 1
-                    weights.append((layer, rows, batch))
-                    shapes.append((self.index[layer.path], *rows.shape, batch))
-                elif rule.needs_output_signal and getattr(module, "weight", None) is not None:
-                    a = call.input.detach()
-                    x_hat = normalized(module, a)  # SyncBatchNorm: global statistics (a collective on every rank)
-                    affine.append((layer, (x_hat * x_hat).sum(dim=_reduce_dims(a)) / a.shape[0]))
-                    shapes.append((self.index[layer.path], *a.shape))
+                    # SyncBatchNorm: global statistics (a collective on every rank)
+                    affine.append((path, rule.parameter_gram(module, a)))
+                    shapes.append((self.index[path], *a.shape))
             except Exception as exc:  # noqa: BLE001 - a rank must not leave the others waiting in the header
-                self.record_bad(layer, "local computation", exc)
-        first = engine._calls[0].input
+                self.record_bad(path, "local computation", exc)
+        first = calls[0].input
         batch = first.shape[0] if first.dim() > 1 else 1
         header = self._flags([float(batch), float(zlib.crc32(repr(shapes).encode()))])
         self._timed("header", *self._allreduce_bytes(header),
@@ -252,22 +269,22 @@ class Comm:
         if len(set(header[:, 1].tolist())) > 1:
             raise BackMatchError("the ranks' layer shapes differ (input sizes?): every rank must run the same shapes")
 
-        method = engine.solve_method
-        dual_ok = not engine.weight_decay
+        send_rows = self.settings.solve_method == "dual" and not self.settings.weight_decay
         gram_parts, gram_plan, row_parts, row_plan = [], [], [], []
-        for layer, rows, batch in weights:
-            count, d = rows.shape
-            rows = rows.to(solver.solve_dtype(rows.dtype))
-            if k * count <= d or (method == "dual" and dual_ok):
+        for call, source in local:
+            path, rule, module = call.layer.path, call.layer.rule, call.layer.module
+            dtype = solver.solve_dtype(call.input.dtype)
+            if k * source.samples <= source.d or send_rows:
+                rows = rule.input_rows(module, call.input.detach()).to(dtype)
                 row_parts.append(rows.reshape(-1))
-                row_plan.append((layer, count, d, batch))
+                row_plan.append((path, source.samples, source.d, source.batch))
             else:
-                gram = rows.T @ rows / batch  # as solver.min_norm_solve forms it
-                gram_parts.append(gram[self._triangle(d)])
-                gram_plan.append((layer, "gram", d, batch, gram.dtype))
-        for layer, gram in affine:
+                gram = source.gram(dtype)
+                gram_parts.append(gram[self._triangle(source.d)])
+                gram_plan.append((path, "gram", source.d, (source.samples, source.batch), gram.dtype))
+        for path, gram in affine:
             gram_parts.append(gram.reshape(-1))
-            gram_plan.append((layer, "affine", gram.numel(), 0, gram.dtype))
+            gram_plan.append((path, "affine", gram.numel(), None, gram.dtype))
 
         wire, payload = 0, 0
         grams = rows_local = gathered = None
@@ -298,86 +315,49 @@ class Comm:
         offset = 0
         if grams is not None:
             grams /= k
-            for layer, kind, size, batch, dtype in gram_plan:
+            for path, kind, size, counts, dtype in gram_plan:
                 if kind == "gram":  # kept packed (half the memory) until the layer's solve unpacks it
                     numel = size * (size + 1) // 2
-                    self._exchanged[layer.path] = ("gram", grams[offset:offset + numel], size, k * batch, dtype)
+                    samples, batch = counts
+                    self._exchanged[path] = ("gram", grams[offset:offset + numel], size, (k * samples, k * batch),
+                                             dtype)
                 else:
                     numel = size
-                    self._exchanged[layer.path] = ("affine", grams[offset:offset + numel].to(dtype))
+                    self._exchanged[path] = ("affine", grams[offset:offset + numel].to(dtype))
                 offset += numel
         offset = 0
-        for layer, count, d, batch in row_plan:
+        for path, count, d, batch in row_plan:
             numel = count * d
             everyone = torch.cat([part[offset:offset + numel].reshape(count, d) for part in gathered])
-            self._exchanged[layer.path] = ("rows", everyone, k * batch, me * count)
+            self._exchanged[path] = ("rows", everyone, k * batch, me * count)
             offset += numel
 
     # ------------------------------------------------------------ backward
-    def output_signal(self, engine, call, grad: torch.Tensor) -> None:
-        """``Engine._output_signal`` under distribution: record bad signals, solve with the agreed Grams."""
-        layer = call.layer
-        if not bool(torch.isfinite(grad).all()):
-            self.record_bad(layer, "signal arriving at the output")
-        call.grad_output = grad
-        rule, module = layer.rule, layer.module
-        if rule.has_weights:
-            self._solve_weights(engine, call, grad)
-        elif rule.needs_output_signal and getattr(module, "weight", None) is not None:
-            exchanged = self._agreed(layer, "affine")
-            solved, call.plain_grads = rule.affine_gradients(module, call.input.detach(), grad, engine.weight_decay,
-                                                             gram_gamma=exchanged[1])
-            for name, value in solved.items():
-                engine._pending[getattr(module, name)] = value
-
-    def _agreed(self, layer, kind: str) -> tuple:
-        exchanged = self._exchanged.get(layer.path)
+    def _agreed(self, path: str, kind: str) -> tuple:
+        exchanged = self._exchanged.get(path)
         if exchanged is None or (exchanged[0] == "affine") != (kind == "affine"):
-            raise GraphError(f"layer {layer.path!r}: backward pass without the forward pass's exchange "
+            raise GraphError(f"layer {path!r}: backward pass without the forward pass's exchange "
                              "(was the forward run under torch.no_grad()?)")
         return exchanged
 
-    def _solve_weights(self, engine, call, grad: torch.Tensor) -> None:
-        layer = call.layer
-        rule, module = layer.rule, layer.module
-        exchanged = self._agreed(layer, "weights")
-        a = call.input.detach()
-        rows = rule.input_rows(module, a)
-        signals = rule.signal_rows(module, grad)
-        plain = signals.T @ rows  # this rank's g_W; the data-parallel gradient average finishes the mean
-        call.plain_grads = rule.unflatten(module, plain)
-        total = plain + engine.weight_decay * rule.flat_weight(module).detach() if engine.weight_decay else plain
-        dual_ok = not engine.weight_decay
-        solved, info = torch.zeros_like(total), None
-        if self._bad is None:  # else the step fails at the check anyway: skip the work
-            try:
-                if exchanged[0] == "gram":
-                    _, packed, d, batch, dtype = exchanged
-                    upper = packed.new_zeros(d, d)
-                    upper[self._triangle(d)] = packed
-                    gram = (upper + upper.triu(1).T).to(dtype)
-                    solved, info = solver.primal_solve(gram, total, engine.damping, engine.relative_damping, layer.path)
-                    samples = self.size * rows.shape[0]
-                else:
-                    _, everyone, batch, start = exchanged
-                    padded = None
-                    if dual_ok:  # this rank's signals in its own rows, zero elsewhere: Sᵀ A_all = g_r
-                        padded = signals.new_zeros(everyone.shape[0], signals.shape[1])
-                        padded[start:start + signals.shape[0]] = signals
-                    solved, info = solver.min_norm_solve(
-                        everyone, padded, total, batch, engine.damping, engine.relative_damping,
-                        engine.solve_method if dual_ok else "primal", layer.path)
-                    samples = everyone.shape[0]
-            except BackMatchError as exc:
-                self.record_bad(layer, "back-matched weight gradient", exc)
-                solved, info = torch.zeros_like(total), None
-        for name, value in rule.unflatten(module, solved).items():
-            engine._pending[getattr(module, name)] = value
-        if info is not None:
-            engine._stats[layer.path] = {
-                "layer": layer.path, "kind": type(module).__name__, "d": rows.shape[1],
-                "outputs": signals.shape[1], "samples": samples, "batch": batch, "path": info.path,
-                "rank": info.rank, "condition": info.condition, "residual": info.residual, "damping": info.damping,
-                "amplification": signal_amplification(rule.column_sq_norms(module, a), engine.signal_damping),
-                "fallback": info.fallback, "exchange": exchanged[0],
-            }
+    def parameter_gram(self, path: str) -> torch.Tensor:
+        """The ranks' average of a layer's ``LayerRule.parameter_gram``."""
+        return self._agreed(path, "affine")[1]
+
+    def problem(self, path: str, local: RowSource, signals):
+        """``(source, signals, exchange)`` for ``weights.solve``: the agreed Gram, or every rank's rows."""
+        exchanged = self._agreed(path, "weights")
+        if exchanged[0] == "gram":
+            _, packed, d, (samples, batch), dtype = exchanged
+            upper = packed.new_zeros(d, d)
+            upper[self._triangle(d)] = packed
+            return ExchangedGram((upper + upper.triu(1).T).to(dtype), samples, batch), signals, "gram"
+        _, everyone, batch, start = exchanged
+
+        def padded():  # this rank's signals in its own rows, zero elsewhere: Sᵀ A_all = g_r
+            own = signals()
+            rows = own.new_zeros(everyone.shape[0], own.shape[1])
+            rows[start:start + own.shape[0]] = own
+            return rows
+
+        return ExplicitRows(everyone, batch), padded, "rows"

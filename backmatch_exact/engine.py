@@ -1,7 +1,8 @@
 """Hooks that turn ``loss.backward()`` into back-matching propagation on an unmodified model.
 
-The engine knows no layer's mathematics (that lives in ``layers/``). It does
-three things around every supported leaf module:
+The engine knows no layer's mathematics (that lives in ``layers/``, one file
+per layer type, behind the ``LayerRule`` interface) and no weight solve (that is
+``weights.solve``). It does three things around every supported leaf module:
 
 * a *signal tap* on the module's input, an identity in the forward pass whose
   backward hands the layer rule the backprop signal ``Jᵀ g'_b`` and passes the
@@ -15,6 +16,11 @@ It also checks that the forward pass is a chain of supported modules: each
 module must consume the previous module's output (or a view of it). Anything
 else — a functional call between two modules, a residual branch, a module used
 twice — is a ``GraphError``, because back-matching has no rule for it.
+
+Under ``torch.distributed`` the engine hands its ``distributed.Comm`` the module
+calls at the end of each forward pass and asks it, per weight layer, for the
+row source of the solve (the ranks' averaged Gram or gathered rows); see the
+interface at the top of ``distributed.py``.
 """
 
 from __future__ import annotations
@@ -26,13 +32,15 @@ import math
 import torch
 from torch import nn
 
-from . import distributed, solver
-from .approx import ApproxFactors, ApproxPlan, may_scale
+from . import distributed, weights
+from .approx import ApproxFactors, ApproxPlan, Approximations, may_scale
 from .errors import BackMatchError, GraphError, NonFiniteError, UnsupportedModuleError
 from .layers import LayerRule, rule_for
 from .layers.base import signal_amplification
+from .timing import Timing
 
 MODES = ("bp", "exact", "exact_weights", "approx")
+BACKENDS = ("fast", "reference")
 
 
 @dataclasses.dataclass(slots=True)
@@ -58,7 +66,7 @@ class _Call:
     plain_grads: dict = dataclasses.field(default_factory=dict)  # autograd's g_W, to cross-check
     approx: ApproxFactors | None = None  # Algorithm 1's factors, set when the forward pass ends
     node: object = None  # autograd node that made the module's output (exact modes): its weight gradient
-    node_token: object = None  # the conv fast path's current hook on that node (the others are stale)
+    node_token: object = None  # the current hook on that node (a retained graph's older ones are stale)
 
 
 class _Tap(torch.autograd.Function):
@@ -114,22 +122,12 @@ def _is_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def _check_finite(t: torch.Tensor, what: str, layer: _Layer, comm=None) -> None:
-    if not _is_finite(t):
-        if comm is not None:  # torch.distributed: recorded; every rank raises together (distributed.py)
-            return comm.record_bad(layer, what)
-        raise NonFiniteError(
-            f"layer {layer.path!r} ({type(layer.module).__name__}): {what} of shape {tuple(t.shape)} "
-            "contains NaN or infinity"
-        )
-
-
 class Engine:
     """Back-matching propagation attached to a model. Create it with :func:`attach`."""
 
     def __init__(self, model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_damping: float = 0.0,
                  damping_scale: str = "relative", weight_decay: float = 0.0, solve_method: str = "auto",
-                 process_group=None):
+                 process_group=None, approximations=None, backend: str = "fast"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for name, value in (("damping", damping), ("signal_damping", signal_damping),
@@ -140,15 +138,21 @@ class Engine:
             raise ValueError(f"damping_scale must be 'relative' or 'absolute', got {damping_scale!r}")
         if solve_method not in ("auto", "primal", "dual"):
             raise ValueError(f"solve_method must be 'auto', 'primal' or 'dual', got {solve_method!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.approximations = Approximations.of(approximations)
+        if self.approximations.any() and mode != "exact":
+            raise ValueError(f"approximations are switches of mode='exact' (mode='approx' makes all of them), "
+                             f"not of mode={mode!r}")
         # torch.distributed (distributed.py): a DDP model is unwrapped to its .module; None when nothing is exchanged
         model, self.distributed = distributed.setup(model, mode, process_group)
         self.model = model
         self.mode = mode
-        self.damping = float(damping)
+        self.backend = backend
+        self.settings = weights.Settings(float(damping), damping_scale == "relative", float(weight_decay),
+                                         solve_method)
         self.signal_damping = float(signal_damping)
-        self.relative_damping = damping_scale == "relative"
-        self.weight_decay = float(weight_decay)
-        self.solve_method = solve_method
+        self.timing = Timing()  # bench's per-layer breakdown; off unless enabled
         self.layers = self._collect_layers(model)
         self._stats: dict[str, dict] = {}
         self._pending: dict[torch.Tensor, torch.Tensor] = {}
@@ -157,11 +161,17 @@ class Engine:
         self._forwards = 0  # forward passes with gradients so far
         self._last_output: torch.Tensor | None = None
         self._calls: list[_Call] = []  # this forward pass's module calls, in execution order
-        self._approx_plans: dict[tuple, ApproxPlan] = {}  # approx mode: Algorithm 1 per chain and shapes
+        self._approx_plans: dict[tuple, ApproxPlan] = {}  # Algorithm 1 per chain and shapes
         self._approx_step = None  # approx mode: (plan, calls) of the last forward pass, for stats()
         self._install()
         if self.distributed is not None:
-            self.distributed.install(self)
+            self.distributed.attach([(layer.path, type(layer.module).__name__) for layer in self.layers],
+                                    self.settings)
+
+    # the attach arguments, as attributes
+    damping = property(lambda self: self.settings.damping)
+    weight_decay = property(lambda self: self.settings.weight_decay)
+    solve_method = property(lambda self: self.settings.solve_method)
 
     # ----------------------------------------------------------------- attach
     @staticmethod
@@ -233,8 +243,10 @@ class Engine:
                 f"the model's output is not the output of its last module ({self._last_path()}): "
                 "an operation after it is outside back-matching; move it into the loss"
             )
-        if self.mode == "approx":
+        if self.mode == "approx" or self.approximations.needs_factors():
             self._approx_factors()
+        if self.distributed is not None and self._calls:
+            self.distributed.forward_end(self._calls, output, self._row_source)
         if self.mode in ("approx", "bp"):
             # bp reads no input in backward, approx only a weight layer's, and that only to name a NaN
             # (_param_grad): let the others go now, as plain backprop would
@@ -253,19 +265,17 @@ class Engine:
             plan = self._approx_plans[chain] = ApproxPlan(list(chain))
         for call, factors in zip(calls, plan.factors()):
             call.approx = factors
-        self._approx_step = (plan, calls)  # stats() reads it
+        if self.mode == "approx":
+            self._approx_step = calls  # stats() reads it
 
     def _approx_stats(self) -> None:
         """Fill ``_stats`` from the last approx-mode forward pass (done only when stats() asks)."""
-        plan, calls = self._approx_step
-        for call, place in zip(calls, plan.places):
+        for call in self._approx_step:
             layer, factors = call.layer, call.approx
             if layer.rule.has_weights or factors.ratio != 1.0:
                 self._stats[layer.path] = {
                     "layer": layer.path, "kind": type(layer.module).__name__, "m": factors.backward_factor,
-                    "s": factors.sharing_factor, "r": factors.ratio,
-                    "c": (place.input_shape[-2] * place.input_shape[-1] / factors.sharing_factor
-                          if isinstance(layer.module, nn.Conv2d) else 1.0),
+                    "s": factors.sharing_factor, "r": factors.ratio, "c": factors.location_factor,
                     "scale": 1.0 / (factors.backward_factor * factors.sharing_factor),
                 }
 
@@ -295,7 +305,7 @@ class Engine:
         layer.call = call = _Call(layer, x)
         self._calls.append(call)
         if layer.check_input:
-            _check_finite(x, "input", layer, self.distributed)  # approx mode: in _param_grad, only if needed
+            self._check_finite(x, "input", layer)  # approx mode: in _param_grad, only if needed
         changed = False
         if layer.input_tap and x.requires_grad:
             x, changed = _SignalTap.apply(x, self, call), True
@@ -313,158 +323,124 @@ class Engine:
         self._last_output = output
         return output if tapped else None
 
+    def _check_finite(self, t: torch.Tensor, what: str, layer: _Layer) -> None:
+        if not _is_finite(t):
+            if self.distributed is not None:  # recorded: every rank raises together at the next exchange
+                return self.distributed.record_bad(layer.path, what)
+            raise NonFiniteError(
+                f"layer {layer.path!r} ({type(layer.module).__name__}): {what} of shape {tuple(t.shape)} "
+                "contains NaN or infinity"
+            )
+
     # -------------------------------------------------------------- backward
     def _output_signal(self, call: _Call, grad: torch.Tensor) -> None:
-        if self.distributed is not None:  # --- torch.distributed: solve with the ranks' averaged Grams (distributed.py)
-            return self.distributed.output_signal(self, call, grad)
         layer = call.layer
-        _check_finite(grad, "signal arriving at the output", layer)
+        self._check_finite(grad, "signal arriving at the output", layer)
         call.grad_output = grad
-        rule, module = layer.rule, layer.module
-        if rule.has_weights:
+        if layer.rule.has_weights:
             self._solve_weights(call, grad)
-        elif rule.needs_output_signal and getattr(module, "weight", None) is not None:
-            self._solve_affine(call, grad)
+        elif layer.rule.solves_parameters(layer.module):
+            self._solve_parameters(call, grad)
+
+    def _row_source(self, call: _Call) -> weights.RowSource:
+        """The input rows of ``call``'s weight problem: the rule's fast source, or A itself (reference)."""
+        rule, module, a = call.layer.rule, call.layer.module, call.input.detach()
+        if self.backend == "reference":
+            return weights.ExplicitRows(rule.input_rows(module, a), a.shape[0] if a.dim() > 1 else 1)
+        return rule.row_source(module, a)
 
     def _solve_weights(self, call: _Call, grad: torch.Tensor) -> None:
-        """g'_W for one weight layer; ``solver.reference`` selects the plain path below it.
+        """g'_W for one weight layer, by ``weights.solve`` on this call's row source.
 
-        Fast path: the primal form gets ``AᵀA`` from the rule without forming A
-        (conv: kernel-row lags) and, for a Conv2d, takes autograd's own ``g_W`` (and
-        ``g_b``) from the convolution's backward node instead of recomputing ``Sᵀ A``:
-        the solve then runs in a hook on that node, before the parameters' hooks.
-        Autograd's per-node gradient doubles as the outside-use check (``_param_grad``).
-        The dual form (N < d) forms A and S, which are small there. Statistics stay
-        tensors until :meth:`stats` reads them (no host sync besides the Cholesky check).
+        The fast backend takes autograd's own ``g_W`` where the rule can read it off the
+        node that made the layer's output (Conv2d): the solve then runs in a hook on that
+        node, before the parameters' hooks, and the node's gradient doubles as the
+        outside-use check (``_param_grad``). Otherwise ``g_W = Sᵀ A`` from the row source.
         """
-        if solver.reference:
-            return self._solve_weights_reference(call, grad)
         layer = call.layer
-        rule, module = layer.rule, layer.module
-        timing = solver.timing
-        a = call.input.detach()
-        batch = a.shape[0] if a.dim() > 1 else 1
-        samples = rule.sample_rows(module, a)
-        d = module.weight[0].numel() + (module.bias is not None)
-        dual_ok = not self.weight_decay
-        method = self.solve_method if dual_ok else "primal"
-        # N < d: G is singular (Cholesky would fail and eigh cost d³), while the N x N kernel is full rank
-        dual = method == "dual" or (method == "auto" and samples < d)
-        if dual:
-            dtype = solver.solve_dtype(grad.dtype)
-            with timing.part(layer.path, "gram"):  # the N x N kernel AAᵀ
-                signals = rule.signal_rows(module, grad)
-                if isinstance(module, nn.Conv2d):  # from the pixel Gram, no im2col matrix
-                    kernel = rule.kernel(module, a, dtype)
-                    times_rows = functools.partial(rule.rows_product, module, a)
-                else:
-                    rows = rule.input_rows(module, a).to(dtype)
-                    kernel, times_rows = rows @ rows.T, rows.__rmatmul__
-            finish = functools.partial(self._dual_solve, call, kernel, times_rows, signals, a, samples, d, batch)
-        else:
-            with timing.part(layer.path, "gram"):
-                gram = rule.gram(module, a, solver.solve_dtype(grad.dtype)) / batch
-            finish = functools.partial(self._primal_solve, call, gram, a, samples, d, batch)
-        node = call.node
-        if isinstance(module, nn.Conv2d) and node is not None and node.name().startswith("ConvolutionBackward"):
-            # a graph kept for another backward (retain_graph) gets a new hook each time: only the newest acts
-            call.node_token = token = object()
-            node.register_hook(functools.partial(self._conv_node_grads, call, token, finish, a))
-            return None
-        with timing.part(layer.path, "weight_grad"):
-            plain = rule.weight_grad(module, a, grad)
-        call.plain_grads = rule.unflatten(module, plain)
-        finish(plain)
+        finish = functools.partial(self._finish_weights, call, self._row_source(call), grad)
+        reader = layer.rule.autograd_weight_grads(layer.module, call.node) if self.backend == "fast" else None
+        if reader is None:
+            return finish(None)
+        # a graph kept for another backward (retain_graph) gets a new hook each time: only the newest acts
+        call.node_token = token = object()
+        call.node.register_hook(functools.partial(self._node_grads, call, token, reader, finish))
 
-    def _conv_node_grads(self, call: _Call, token, finish, a, grad_inputs, grad_outputs) -> None:
-        """Hook on a convolution's backward node: solve with autograd's own (g_W, g_b) of this call."""
+    def _node_grads(self, call: _Call, token, reader, finish, grad_inputs, grad_outputs) -> None:
+        """Hook on the node that made a weight layer's output: solve with autograd's own gradients of this call."""
         if token is not call.node_token:
             return None
-        layer = call.layer
-        module = layer.module
-        grad_w, grad_b = grad_inputs[1], grad_inputs[2]
-        has_bias = module.bias is not None
-        if grad_w is None and (not has_bias or grad_b is None):
+        module = call.layer.module
+        grads = reader(grad_inputs)
+        names = [name for name in ("weight", "bias") if getattr(module, name, None) is not None]
+        if all(grads[name] is None for name in names):
             return None  # no parameter gradient asked for (autograd.grad w.r.t. inputs only)
-        if grad_w is None or (has_bias and grad_b is None) or grad_w.dtype != module.weight.dtype:
-            with solver.timing.part(layer.path, "weight_grad"):
-                plain = layer.rule.weight_grad(module, a, grad_outputs[0])
-            call.plain_grads = layer.rule.unflatten(module, plain)
-        else:
-            flat = grad_w.reshape(grad_w.shape[0], -1)
-            plain = torch.cat([flat, grad_b[:, None]], 1) if has_bias else flat
-            call.plain_grads = {"weight": grad_w, "bias": grad_b} if has_bias else {"weight": grad_w}
-        finish(plain)
+        usable = all(grads[name] is not None and grads[name].dtype == module.weight.dtype for name in names)
+        finish({name: grads[name] for name in names} if usable else None)
         return None
 
-    def _dual_solve(self, call: _Call, kernel, times_rows, signals, a, samples, d, batch, plain) -> None:
-        solved, info = solver.kernel_solve(kernel, signals, plain, batch, times_rows, d, self.damping,
-                                           self.relative_damping, call.layer.path)
-        self._weights_solved(call, solved, info, a, samples, d, batch)
-
-    def _primal_solve(self, call: _Call, gram, a, samples, d, batch, plain) -> None:
+    def _finish_weights(self, call: _Call, local: weights.RowSource, grad: torch.Tensor, plain: dict | None) -> None:
         layer = call.layer
-        rule, module = layer.rule, layer.module
-        total = plain + self.weight_decay * rule.flat_weight(module).detach() if self.weight_decay else plain
-        solved, info = solver.primal_solve(gram, total, self.damping, self.relative_damping, layer.path)
-        self._weights_solved(call, solved, info, a, samples, d, batch)
+        rule, module, path = layer.rule, layer.module, layer.path
 
-    def _weights_solved(self, call: _Call, solved, info, a, samples, d, batch) -> None:
-        layer = call.layer
-        rule, module = layer.rule, layer.module
+        def signals():
+            return rule.signal_rows(module, grad)
+
+        if plain is None:
+            with self.timing.part(path, "weight_grad"):
+                flat = local.times_rows(signals().T)  # g_W = Sᵀ A (eq. 7/21): the signals carry the loss's 1/B
+            call.plain_grads = rule.unflatten(module, flat)
+        else:
+            flat, call.plain_grads = rule.flatten(module, plain), plain
+        source, exchange = local, None
+        if self.distributed is not None:
+            source, signals, exchange = self.distributed.problem(path, local, signals)
+        weight = rule.flat_weight(module).detach() if self.settings.weight_decay else None
+        scale = call.approx.sharing_factor if self.approximations.gram else None  # Algorithm 1's G ≈ s·I
+        try:
+            if self.distributed is not None and self.distributed.failed:
+                raise _Skipped  # the step fails at the next check anyway: skip the work
+            solved, info = weights.solve(source, flat, signals, weight, self.settings, path, self.timing, scale)
+        except (BackMatchError, _Skipped) as exc:
+            if self.distributed is None:
+                raise
+            if not isinstance(exc, _Skipped):  # no rank raises alone (the others would wait forever)
+                self.distributed.record_bad(path, "back-matched weight gradient", exc)
+            solved, info = torch.zeros_like(flat), None
         for name, value in rule.unflatten(module, solved).items():
             self._pending[getattr(module, name)] = value
-        with solver.timing.part(layer.path, "column_norms"):
-            col_sq = rule.column_sq_norms(module, a)  # this step's weights; reduced only if stats() asks
+        if info is None:
+            return
+        with self.timing.part(path, "column_norms"):
+            col_sq = rule.column_sq_norms(module, call.input.detach())  # this step's weights; reduced if read
         amplification = _Deferred(functools.partial(signal_amplification, col_sq, self.signal_damping))
-        self._stats[layer.path] = {
-            "layer": layer.path, "kind": type(module).__name__, "d": d, "outputs": module.weight.shape[0],
-            "samples": samples, "batch": batch, "path": info.path, "rank": info.rank,
-            "condition": info.condition, "residual": info.residual, "damping": info.damping,
-            "amplification": amplification, "fallback": info.fallback,
-        }
+        row = weights.stats_row(path, type(module).__name__, source, module.weight.shape[0], info, amplification)
+        if exchange is not None:
+            row["exchange"] = exchange
+        self._stats[path] = row
 
-    def _solve_weights_reference(self, call: _Call, grad: torch.Tensor) -> None:
-        """The plain path: im2col rows A, g_W = Sᵀ A recomputed, :func:`solver.min_norm_solve`."""
+    def _solve_parameters(self, call: _Call, grad: torch.Tensor) -> None:
+        """The closed-form back-matched gradients of a layer's own parameters (BatchNorm's γ, β)."""
         layer = call.layer
-        rule, module = layer.rule, layer.module
-        a = call.input.detach()
-        rows = rule.input_rows(module, a)
-        signals = rule.signal_rows(module, grad)
-        plain = signals.T @ rows  # g_W (eq. 7/21): the signals already carry the loss's 1/B
-        call.plain_grads = rule.unflatten(module, plain)
-        total = plain + self.weight_decay * rule.flat_weight(module).detach() if self.weight_decay else plain
-        batch = a.shape[0] if a.dim() > 1 else 1
-        dual_ok = not self.weight_decay
-        solved, info = solver.min_norm_solve(
-            rows, signals if dual_ok else None, total, batch, self.damping, self.relative_damping,
-            self.solve_method if dual_ok else "primal", layer.path)
-        for name, value in rule.unflatten(module, solved).items():
-            self._pending[getattr(module, name)] = value
-        col_sq = rule.column_sq_norms(module, a)
-        self._stats[layer.path] = {
-            "layer": layer.path, "kind": type(module).__name__, "d": rows.shape[1], "outputs": signals.shape[1],
-            "samples": rows.shape[0], "batch": batch, "path": info.path, "rank": info.rank,
-            "condition": info.condition, "residual": info.residual, "damping": info.damping,
-            "amplification": signal_amplification(col_sq, self.signal_damping), "fallback": info.fallback,
-        }
-
-    def _solve_affine(self, call: _Call, grad: torch.Tensor) -> None:
-        layer = call.layer
-        module = layer.module
-        a = call.input.detach()
-        solved, call.plain_grads = layer.rule.affine_gradients(module, a, grad, self.weight_decay)
+        gram = self.distributed.parameter_gram(layer.path) if self.distributed is not None else None
+        solved, call.plain_grads = layer.rule.parameter_gradients(layer.module, call.input.detach(), grad,
+                                                                  self.settings.weight_decay, gram)
         for name, value in solved.items():
-            self._pending[getattr(module, name)] = value
+            self._pending[getattr(layer.module, name)] = value
 
     def _input_signal(self, call: _Call, grad: torch.Tensor) -> torch.Tensor:
         layer = call.layer
         if self.mode == "approx":
             ratio = call.approx.ratio
             return grad if ratio == 1.0 else grad / ratio  # g'_a ≈ g_a / r
-        with solver.timing.part(layer.path, "input_signal"):
-            result = layer.rule.signal(layer.module, call.input.detach(), grad, call.grad_output, self.signal_damping)
-            _check_finite(result, "back-matched input signal", layer, self.distributed)
+        rule, module, a = layer.rule, layer.module, call.input.detach()
+        with self.timing.part(layer.path, "input_signal"):
+            if self.approximations.any():
+                result = rule.approx_signal(module, a, grad, call.grad_output, self.signal_damping,
+                                            self.approximations, call.approx)
+            else:
+                result = rule.signal(module, a, grad, call.grad_output, self.signal_damping)
+            self._check_finite(result, "back-matched input signal", layer)
         return result
 
     def _param_grad(self, layer: _Layer, name: str, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -472,8 +448,9 @@ class Engine:
             # the signals arriving were already divided by m, so autograd's grad is g_W / m
             factors = layer.call.approx
             scaled = grad if factors.sharing_factor == 1.0 else grad / factors.sharing_factor
-            if self.weight_decay:
-                scaled = scaled + (self.weight_decay / (factors.backward_factor * factors.sharing_factor)) * param
+            if self.settings.weight_decay:
+                wd = self.settings.weight_decay
+                scaled = scaled + (wd / (factors.backward_factor * factors.sharing_factor)) * param
             call = layer.call
             if not math.isfinite(scaled.sum()):
                 # approx mode checks the inputs here, not in the forward pass (which it keeps as cheap as plain
@@ -481,7 +458,7 @@ class Engine:
                 # layer (forward order) whose input went bad, as the forward check would have.
                 bad = next((c for c in self._calls if c.input is not None and not _is_finite(c.input)), None)
                 if bad is not None:
-                    _check_finite(bad.input, "input", bad.layer, self.distributed)
+                    self._check_finite(bad.input, "input", bad.layer)
             else:
                 call.input = None  # finite g_W: the input was finite; release it as plain backprop would
             return scaled
@@ -493,7 +470,7 @@ class Engine:
                 f"layer {layer.path!r}: parameter {name!r} received a gradient that did not pass through the "
                 "layer's output (used outside its module?)"
             )
-        if grad is ours:  # autograd's gradient of this very call (conv fast path), nothing added outside
+        if grad is ours:  # autograd's gradient of this very call (taken off its node), nothing added outside
             return solved
         gap = torch.linalg.vector_norm(grad - ours)
         # measured against the whole layer's gradient: a bias right before a BatchNorm has a gradient that is
@@ -516,10 +493,11 @@ class Engine:
         Exact modes, per weight layer: ``layer`` (module path), ``kind``, ``d``
         (inputs per output, bias included), ``outputs``, ``samples`` (N = batch x
         locations), ``batch``, ``path`` (cholesky / eigh / dual-cholesky /
-        dual-eigh), ``rank``, ``condition`` (estimate), ``residual`` (relative
-        residual of the normal equations), ``damping`` (absolute λ),
-        ``amplification`` (largest mean/own squared column norm), ``fallback``
-        (non-empty when a factorization failed and was retried).
+        dual-eigh; identity under the ``gram`` approximation), ``rank``,
+        ``condition`` (estimate), ``residual`` (relative residual of the normal
+        equations), ``damping`` (absolute λ), ``amplification`` (largest mean/own
+        squared column norm), ``fallback`` (non-empty when a factorization failed
+        and was retried); under torch.distributed also ``exchange`` (gram / rows).
 
         Approx mode, per weight layer and per layer whose ratio is not 1:
         ``layer``, ``kind``, ``m`` (backward factor at the output), ``s``
@@ -530,18 +508,22 @@ class Engine:
             self._approx_stats()
             self._approx_step = None
         rows = [self._stats[layer.path] for layer in self.layers if layer.path in self._stats]
-        for row in rows:  # the fast path leaves some values as 0-d tensors or deferred: read them here, once
+        for row in rows:  # some values are 0-d tensors or deferred until read: read them here, once
             for key, value in row.items():
                 if isinstance(value, _Deferred):
                     value = row[key] = value.fn()
                 if isinstance(value, torch.Tensor):
-                    row[key] = int(value) if key == "rank" else float(value)
+                    row[key] = float(value)
         return rows
+
+
+class _Skipped(Exception):
+    """A distributed step already failed on some rank: this solve is not worth doing."""
 
 
 def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_damping: float = 0.0,
            damping_scale: str = "relative", weight_decay: float = 0.0, solve_method: str = "auto",
-           process_group=None) -> Engine:
+           process_group=None, approximations=None, backend: str = "fast") -> Engine:
     """Make ``loss.backward()`` on ``model`` compute back-matching propagation.
 
     mode: ``"bp"`` (hooks attached, values unchanged), ``"exact"`` (back-matched
@@ -553,6 +535,11 @@ def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_d
     ``‖J_{:,j}‖² + μ·mean_j ‖J_{:,j}‖²``. weight_decay: added to ``g_W`` before the
     solve (then give the optimizer weight_decay=0). solve_method: ``"auto"``
     picks the N x N dual form when samples N < d; ``"primal"`` / ``"dual"`` force one.
+    approximations: with ``mode="exact"``, make some of Algorithm 1's approximations
+    (names from :class:`~backmatch_exact.approx.Approximations`, e.g. ``["gram"]``,
+    or ``"all"``, which equals ``mode="approx"`` without weight decay); the rest of
+    the step stays exact. backend: ``"fast"`` (default) or ``"reference"``, the
+    plain im2col rows and ``g_W = Sᵀ A`` that every fast path is tested against.
     process_group: data parallelism over torch.distributed (``distributed.py``). A
     ``DistributedDataParallel`` model is unwrapped (hooks on ``model.module``,
     ``engine.model`` is that module) and exchanges over ``model.process_group``
@@ -565,4 +552,5 @@ def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_d
 
     Returns the :class:`Engine`; ``engine.detach()`` (or leaving a ``with`` block) removes it.
     """
-    return Engine(model, mode, damping, signal_damping, damping_scale, weight_decay, solve_method, process_group)
+    return Engine(model, mode, damping, signal_damping, damping_scale, weight_decay, solve_method, process_group,
+                  approximations, backend)

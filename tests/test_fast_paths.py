@@ -1,4 +1,4 @@
-"""The engine's fast paths against its plain reference path (``solver.reference = True``), in float64.
+"""The engine's fast backend against its plain reference backend (``attach(backend="reference")``), in float64.
 
 The fast path forms the conv Gram by kernel-row lags instead of the im2col matrix,
 takes autograd's own conv weight gradient instead of recomputing ``Sᵀ A``, solves
@@ -9,7 +9,6 @@ the reference path's numbers to rounding.
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
@@ -20,10 +19,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 import backmatch_exact as bm
-from backmatch_exact import bench, solver
+from backmatch_exact import bench
 from backmatch_exact.layers import rule_for
 from backmatch_exact.layers.base import LayerRule
+from backmatch_exact.layers.conv import _int_padding
 from backmatch_exact.layers.pooling import MaxPool2dRule, _disjoint_windows
+from backmatch_exact.weights import ExplicitRows
 
 DT = torch.float64
 TIGHT = 1e-10
@@ -32,16 +33,6 @@ SETTINGS = settings(max_examples=40, deadline=None, database=None,
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@contextlib.contextmanager
-def reference_path():
-    saved = solver.reference
-    solver.reference = True
-    try:
-        yield
-    finally:
-        solver.reference = saved
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -61,10 +52,7 @@ def run_model(model, x, y, **attach):
 
 
 def both_paths(model, x, y, **attach):
-    fast = run_model(model, x, y, **attach)
-    with reference_path():
-        ref = run_model(model, x, y, **attach)
-    return fast, ref
+    return run_model(model, x, y, **attach), run_model(model, x, y, backend="reference", **attach)
 
 
 def assert_paths_agree(fast, ref, tol=TIGHT):
@@ -160,12 +148,11 @@ def test_repeated_steps_with_an_optimizer_match_reference():
     """Several SGD steps (weights change in place every step): fast and reference trajectories agree."""
     x, y = _data(8, seed=6)
     trajectories = []
-    for reference in (False, True):
+    for backend in ("fast", "reference"):
         torch.manual_seed(7)
         model = bm.models.lenet_bn().to(DT)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        ctx = reference_path() if reference else contextlib.nullcontext()
-        with ctx, bm.attach(model, mode="exact"):
+        with bm.attach(model, mode="exact", backend=backend):
             for _ in range(3):
                 opt.zero_grad()
                 F.cross_entropy(model(x), y).backward()
@@ -208,28 +195,47 @@ def _conv(case):
     return layer, x, gen
 
 
+def _column_sq_norms_by_transposed_conv(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """eq. 22's c(j, p) the way SPEC writes it: conv_transpose2d(ones_like(output), W²), cropped to the input."""
+    out = layer(x)
+    padding = _int_padding(layer)
+    size = [(o - 1) * s - 2 * p + d * (k - 1) + 1
+            for o, s, p, d, k in zip(out.shape[-2:], layer.stride, padding, layer.dilation, layer.kernel_size)]
+    extra = [n - m for n, m in zip(x.shape[-2:], size)]
+    return torch.nn.functional.conv_transpose2d(torch.ones_like(out[:1]), layer.weight.detach() ** 2,
+                                                 stride=layer.stride, padding=padding, dilation=layer.dilation,
+                                                 output_padding=extra)
+
+
 @SETTINGS
 @given(case=conv_geometries())
-def test_conv_rule_parts_fast_equal_reference(case):
+def test_conv_row_source_and_column_norms_equal_explicit_ones(case):
     layer, x, gen = _conv(case)
-    rule = rule_for(layer, "conv")
     with torch.no_grad():
-        g_b = torch.randn(layer(x).shape, generator=gen, dtype=DT)
-    fast = (rule.gram(layer, x, DT), rule.weight_grad(layer, x, g_b), rule.column_sq_norms(layer, x),
-            rule.sample_rows(layer, x))
-    with reference_path():
-        ref = (rule.gram(layer, x, DT), rule.weight_grad(layer, x, g_b), rule.column_sq_norms(layer, x),
-               rule.input_rows(layer, x).shape[0])
-    assert fast[0].shape == ref[0].shape and rel(fast[0], ref[0]) < TIGHT
-    assert rel(fast[0], fast[0].T) < TIGHT
-    assert rel(fast[1], ref[1]) < TIGHT
-    assert fast[2].shape == ref[2].shape and rel(fast[2], ref[2]) < TIGHT
-    assert fast[3] == ref[3]
-    # the dual form's pieces: K = AAᵀ from the pixel Gram, C·A by a weight-gradient convolution
+        _conv_row_source_case(layer, x, gen)
+
+
+def _conv_row_source_case(layer, x, gen):
+    rule = rule_for(layer, "conv")
+    g_b = torch.randn(layer(x).shape, generator=gen, dtype=DT)
+    fast = rule.row_source(layer, x)
     rows = rule.input_rows(layer, x)
-    assert rel(rule.kernel(layer, x, DT), rows @ rows.T) < TIGHT
+    ref = ExplicitRows(rows, x.shape[0])
+    assert (fast.samples, fast.d, fast.batch) == (ref.samples, ref.d, ref.batch) == (rows.shape[0], rows.shape[1],
+                                                                                      x.shape[0])
+    gram = fast.gram(DT)
+    assert gram.shape == (ref.d, ref.d) and rel(gram, ref.gram(DT)) < TIGHT
+    assert rel(gram, gram.T) < TIGHT
+    signals = rule.signal_rows(layer, g_b)
+    assert rel(fast.times_rows(signals.T), signals.T @ rows) < TIGHT  # g_W = Sᵀ A by a weight-gradient conv
+    assert rel(rule.flatten(layer, {"weight": layer.weight, "bias": layer.bias}), rule.flat_weight(layer)) == 0
+    col_sq = rule.column_sq_norms(layer, x)
+    expected = _column_sq_norms_by_transposed_conv(layer, x)
+    assert col_sq.shape == expected.shape and rel(col_sq, expected) < TIGHT
+    # the dual form's pieces: K = AAᵀ from the pixel Gram, C·A by a weight-gradient convolution
+    assert rel(fast.kernel(DT), rows @ rows.T) < TIGHT
     coeffs = torch.randn(3, rows.shape[0], generator=gen, dtype=DT)
-    assert rel(rule.rows_product(layer, x, coeffs), coeffs @ rows) < TIGHT
+    assert rel(fast.times_rows(coeffs), coeffs @ rows) < TIGHT
 
 
 @SETTINGS
@@ -238,19 +244,17 @@ def test_conv_rule_parts_fast_equal_reference(case):
 def test_conv_chain_fast_equals_reference(case, mu, damping, method):
     """Two convs (the lower one gets a back-matched signal), every geometry the rule accepts."""
     first, x, gen = _conv(case)
-    with torch.no_grad():
-        mid = first(x)
     second = nn.Conv2d(case["cout"], 2, 1, bias=True).to(DT)
     model = nn.Sequential(first, nn.LeakyReLU(0.3), second)
     with torch.no_grad():
         R = torch.randn(model(x).shape, generator=gen, dtype=DT)
     results = []
-    for reference in (False, True):
-        ctx = reference_path() if reference else contextlib.nullcontext()
+    for backend in ("fast", "reference"):
         for p in model.parameters():
             p.grad = None
         xr = x.clone().requires_grad_(True)
-        with ctx, bm.attach(model, mode="exact", signal_damping=mu, damping=damping, solve_method=method) as engine:
+        with bm.attach(model, mode="exact", signal_damping=mu, damping=damping, solve_method=method,
+                       backend=backend) as engine:
             (model(xr) * R).sum().backward()
             stats = engine.stats()
         results.append(([p.grad.clone() for p in model.parameters()], xr.grad.clone(), stats))
@@ -259,7 +263,6 @@ def test_conv_chain_fast_equals_reference(case, mu, damping, method):
         assert rel(f, r) < 1e-9
     assert rel(fx, rx) < 1e-9
     assert [s["path"] for s in fs] == [s["path"] for s in rs]
-    assert mid.shape[1] == case["cout"]
 
 
 # ------------------------------------------------------------------ max pooling
@@ -316,18 +319,21 @@ def test_approx_releases_inputs_after_backward():
 # ------------------------------------------------------------------ timing and bench
 
 def test_timing_is_off_by_default_and_records_when_on():
-    assert not solver.timing.enabled
-    assert solver.timing.part("x", "gram") is solver.timing.part("y", "solve")  # the shared no-op
     torch.manual_seed(0)
     model = bm.models.lenet_bn().to(DT)
     x, y = _data(4)
-    solver.timing.enable(names={id(m): n for n, m in model.named_modules()})
-    try:
-        run_model(model, x, y, mode="exact")
-        totals = dict(solver.timing.totals)
-    finally:
-        solver.timing.disable()
-    assert not solver.timing.enabled
+    x.requires_grad_(True)
+    with bm.attach(model, mode="exact") as engine:
+        timing = engine.timing
+        assert not timing.enabled
+        assert timing.part("x", "gram") is timing.part("y", "solve")  # the shared no-op
+        F.cross_entropy(model(x), y).backward()
+        assert timing.totals == {}
+        timing.enable()
+        F.cross_entropy(model(x), y).backward()
+        totals = dict(timing.totals)
+        timing.disable()
+    assert not timing.enabled
     layers = {layer for layer, _ in totals}
     assert {"cv1", "cv2", "fc1", "fc2", "fc3"} <= layers
     assert ("cv1", "gram") in totals and ("fc1", "dual") in totals and ("cv2", "factor") in totals
@@ -353,11 +359,10 @@ def test_retained_graph_second_backward_matches_reference():
     """retain_graph: the conv node gets a second hook; only the newest acts, as the reference path would."""
     x, y = _data(4, seed=8)
     results = []
-    for reference in (False, True):
+    for backend in ("fast", "reference"):
         torch.manual_seed(9)
         model = bm.models.lenet_bn().to(DT)
-        ctx = reference_path() if reference else contextlib.nullcontext()
-        with ctx, bm.attach(model, mode="exact"):
+        with bm.attach(model, mode="exact", backend=backend):
             loss = F.cross_entropy(model(x), y)
             loss.backward(retain_graph=True)
             loss.backward()

@@ -12,14 +12,14 @@ Dropout (training): d ∈ {0, 1/(1-p)}, so g'_a = (1-p)·g_b on kept units; in e
 import torch
 from torch import nn
 
-from .base import LayerRule
+from .base import LayerRule, UnitRatioRule
 
 
 class ReLURule(LayerRule):
     changes_signal = False  # eq. 31: identical to backprop
 
 
-class LeakyReLURule(LayerRule):
+class LeakyReLURule(UnitRatioRule):
     def column_sq_norms(self, module: nn.LeakyReLU, a: torch.Tensor) -> torch.Tensor:
         slope_sq = torch.full_like(a, module.negative_slope ** 2)
         return torch.where(a > 0, torch.ones_like(a), slope_sq)  # autograd uses the slope at a = 0

@@ -20,13 +20,15 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..solver import safe_divide
+from ..weights import ExplicitRows, RowSource
+
 
 def divide_by_column_sq_norms(signal: torch.Tensor, col_sq: torch.Tensor, signal_damping: float) -> torch.Tensor:
     """``signal / (col_sq + μ·mean(col_sq))``, and 0 where the denominator is 0 (min-norm)."""
     if signal_damping:
         col_sq = col_sq + signal_damping * col_sq.mean()
-    nonzero = col_sq > 0
-    return torch.where(nonzero, signal / torch.where(nonzero, col_sq, torch.ones_like(col_sq)), 0.0)
+    return safe_divide(signal, col_sq)
 
 
 def signal_amplification(col_sq: torch.Tensor, signal_damping: float = 0.0) -> float:
@@ -58,6 +60,8 @@ class LayerRule:
     damped = False
     #: the signal rule needs the signal at the layer's output, not only ``Jᵀ g_b``
     needs_output_signal = False
+    #: the layer normalizes by batch statistics (Algorithm 1 needs one after every hidden weight layer)
+    normalizes = False
 
     def check(self, module: nn.Module, path: str) -> None:
         """Raise ``UnsupportedModuleError`` for a configuration the rule does not handle."""
@@ -71,9 +75,36 @@ class LayerRule:
         mu = signal_damping if self.damped else 0.0
         return divide_by_column_sq_norms(grad_input, self.column_sq_norms(module, a), mu)
 
+    def approx_signal(self, module, a, grad_input, grad_output, signal_damping: float, switches: "Approximations",
+                      factors: "ApproxFactors | None") -> torch.Tensor:
+        """:meth:`signal` with some of Algorithm 1's approximations switched on (``approx.Approximations``).
+
+        ``factors``: this layer's Algorithm 1 numbers (m, s, r, c) in this forward pass, when a switch needs
+        them. A rule that no switch concerns keeps its exact signal.
+        """
+        return self.signal(module, a, grad_input, grad_output, signal_damping)
+
     def approx_ratio(self, module: nn.Module, place: "ApproxPlace") -> float:
         """Algorithm 1's ratio ``r = g_a / g'_a``, from weights and shapes alone (1: same as backprop)."""
         return 1.0
+
+    def location_factor(self, module: nn.Module, place: "ApproxPlace") -> float:
+        """Algorithm 1's conv factor ``c`` = input locations per output location after pooling (1: no locations)."""
+        return 1.0
+
+    # ------------------------------------------ parameters with a closed-form back-matched gradient
+    def solves_parameters(self, module: nn.Module) -> bool:
+        """Whether the layer holds parameters whose back-matched gradient :meth:`parameter_gradients` gives
+        (BatchNorm's γ and β); a :class:`WeightRule`'s weights go through ``weights.solve`` instead."""
+        return False
+
+    def parameter_gram(self, module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        """The data-dependent part of that solve, which data-parallel ranks average (``distributed.py``)."""
+        raise NotImplementedError
+
+    def parameter_gradients(self, module, a, grad_output, weight_decay: float, gram=None):
+        """``(back-matched, plain)`` gradients ``{name: tensor}``; ``gram`` replaces :meth:`parameter_gram`'s."""
+        raise NotImplementedError
 
 
 @dataclasses.dataclass
@@ -129,12 +160,15 @@ class WeightRule(LayerRule):
         """S: one row per (sample, location), the signal at the outputs there."""
         raise NotImplementedError
 
+    def flatten(self, module: nn.Module, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``{"weight": W, "bias": c}`` (shaped like the parameters) as the n x d matrix ``[W c]``, in the
+        column order of ``input_rows``; :meth:`unflatten` undoes it."""
+        w = tensors["weight"].reshape(module.weight.shape[0], -1)
+        return torch.cat([w, tensors["bias"][:, None]], dim=1) if module.bias is not None else w
+
     def flat_weight(self, module: nn.Module) -> torch.Tensor:
-        """``W̃ = [W c]`` as an n x d matrix, in the column order of ``input_rows``."""
-        w = module.weight.reshape(module.weight.shape[0], -1)
-        if module.bias is not None:
-            w = torch.cat([w, module.bias[:, None]], dim=1)
-        return w
+        """``W̃ = [W c]`` as an n x d matrix."""
+        return self.flatten(module, {"weight": module.weight, "bias": module.bias})
 
     def unflatten(self, module: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split an n x d matrix laid out like ``flat_weight`` back into per-parameter gradients."""
@@ -144,38 +178,37 @@ class WeightRule(LayerRule):
             grads["bias"] = flat[:, k]
         return grads
 
-    # ------------------------------------------------------------ fast path (solver.reference=False)
-    # What the engine's fast path asks a weight rule for instead of forming A and Sᵀ A
-    # itself; each default is the plain reference computation, subclasses override.
+    def row_source(self, module: nn.Module, a: torch.Tensor) -> RowSource:
+        """The input rows of this call's weight problem in their cheapest form (default: A itself).
 
-    def sample_rows(self, module: nn.Module, a: torch.Tensor) -> int:
-        """N, the number of rows of A, without forming A."""
-        return self.input_rows(module, a).shape[0]
-
-    def gram(self, module: nn.Module, a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``AᵀA`` (d x d, summed over the rows, not yet divided by B) in ``dtype``."""
-        rows = self.input_rows(module, a).to(dtype)
-        return rows.T @ rows
-
-    def weight_grad(self, module: nn.Module, a: torch.Tensor, g_b: torch.Tensor) -> torch.Tensor:
-        """``g_W = Sᵀ A`` (n x d, laid out like ``flat_weight``)."""
-        return self.signal_rows(module, g_b).T @ self.input_rows(module, a)
-
-    def signal(self, module, a, grad_input, grad_output, signal_damping: float) -> torch.Tensor:
-        """eq. 12/22 in one pass over the signal: a zero denominator is replaced by +inf (at weight size).
-
-        Bitwise the same values as :meth:`LayerRule.signal` for a finite signal (x / inf = 0
-        where a column norm is 0), which the reference path (``solver.reference``) uses.
+        The reference backend always uses ``ExplicitRows(input_rows)``; a fast source must give the same numbers.
         """
-        from .. import solver  # here, not at import time: the solver module is the switch, read per call
+        return ExplicitRows(self.input_rows(module, a), a.shape[0] if a.dim() > 1 else 1)
 
-        if solver.reference:
-            return super().signal(module, a, grad_input, grad_output, signal_damping)
-        col_sq = self.column_sq_norms(module, a)
-        mu = signal_damping if self.damped else 0.0
-        if mu:
-            col_sq = col_sq + mu * col_sq.mean()
-        return grad_input / torch.where(col_sq > 0, col_sq, float("inf"))
+    def autograd_weight_grads(self, module: nn.Module, node):
+        """How to read this call's plain ``{name: g}`` from the ``grad_inputs`` of ``node``, the autograd node
+        that made the layer's output, or None when that node does not hand them out (then ``g_W = Sᵀ A``)."""
+        return None
+
+    def approx_signal(self, module, a, grad_input, grad_output, signal_damping, switches, factors):
+        """Switch ``columns``: every denominator becomes the mean ``‖Wᵀ‖²_{2,µ}``; ``conv_factor``: divided by c."""
+        if not (switches.columns or switches.conv_factor):
+            return self.signal(module, a, grad_input, grad_output, signal_damping)
+        col_sq = (a.new_tensor(mean_sq_column_norm(module.weight)) if switches.columns
+                  else self.column_sq_norms(module, a))
+        if switches.conv_factor:
+            col_sq = col_sq / factors.location_factor
+        return divide_by_column_sq_norms(grad_input, col_sq, signal_damping if self.damped else 0.0)
+
+
+class UnitRatioRule(LayerRule):
+    """A layer whose exact rule differs from backprop but to which Algorithm 1 gives ``r = 1`` (pooling, LeakyReLU)."""
+
+    def approx_signal(self, module, a, grad_input, grad_output, signal_damping, switches, factors):
+        """Switch ``unit_ratios``: backprop's signal, as Algorithm 1 sends it."""
+        if switches.unit_ratios:
+            return grad_input
+        return self.signal(module, a, grad_input, grad_output, signal_damping)
 
 
 def append_ones_column(rows: torch.Tensor) -> torch.Tensor:

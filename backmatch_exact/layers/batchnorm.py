@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import UnsupportedModuleError
+from ..solver import safe_divide
 from .base import LayerRule, mean_sq_row_norm, squared_norm
 
 
@@ -82,6 +83,7 @@ def normalized(module, a: torch.Tensor) -> torch.Tensor:
 
 class BatchNormRule(LayerRule):
     needs_output_signal = True
+    normalizes = True
 
     def approx_ratio(self, module, place) -> float:
         if place.producer is None:
@@ -93,28 +95,44 @@ class BatchNormRule(LayerRule):
         return gamma_sq / mean_sq_row_norm(place.producer.weight, place)  # eq. 36
 
     def signal(self, module, a, grad_input, grad_output, signal_damping):
-        scale = batch_std(module, a)  # eq. 26
-        if module.weight is not None:
-            gamma = module.weight.detach()
-            nonzero = gamma != 0
-            scale = torch.where(nonzero, scale / torch.where(nonzero, gamma, torch.ones_like(gamma)), 0.0)
-        return grad_output * _channel_view(scale, a)
+        return grad_output * _channel_view(self._inverse_gain(module, a), a)  # eq. 26: g_b · σ/γ
 
-    def affine_gradients(self, module, a, grad_output, weight_decay: float, gram_gamma=None):
-        """``(back-matched, plain)`` gradients of γ and β.
+    def approx_signal(self, module, a, grad_input, grad_output, signal_damping, switches, factors):
+        """``bn_coupling``: transport by backprop's full Jacobian (batch-statistics terms kept), not by γ/σ;
+        ``bn_variance``: divide by Algorithm 1's ratio (Var[a] ≈ ‖W_prev‖²_{2,µ}) instead of (γ/σ)²."""
+        if not (switches.bn_variance or switches.bn_coupling):
+            return self.signal(module, a, grad_input, grad_output, signal_damping)
+        inverse_gain = _channel_view(self._inverse_gain(module, a), a)  # σ/γ, 0 where γ = 0
+        transported = grad_input if switches.bn_coupling else safe_divide(grad_output, inverse_gain)  # g_b·γ/σ
+        if switches.bn_variance:
+            return transported / factors.ratio
+        return transported * inverse_gain ** 2
 
-        Back-matched: the per-channel 2x2 least squares, diagonal since E[x̂] = 0.
+    @staticmethod
+    def _inverse_gain(module, a) -> torch.Tensor:
+        """σ/γ per channel (σ without affine), 0 where γ = 0."""
+        sigma = batch_std(module, a)
+        return sigma if module.weight is None else safe_divide(sigma, module.weight.detach())
+
+    def solves_parameters(self, module) -> bool:
+        return module.weight is not None
+
+    def parameter_gram(self, module, a):
+        """``G_γ = Σ_u E[x̂²]`` per channel (mean over samples, sum over locations)."""
+        x_hat = normalized(module, a)
+        return (x_hat * x_hat).sum(dim=_reduce_dims(a)) / a.shape[0]
+
+    def parameter_gradients(self, module, a, grad_output, weight_decay: float, gram=None):
+        """``g'_γ = g_γ / G_γ`` and ``g'_β = g_β / L``: the per-channel 2x2 least squares, diagonal since E[x̂] = 0.
+
         Plain: autograd's ``g_γ, g_β``, which the engine uses to cross-check.
-        ``gram_gamma``: ``G_γ`` to use instead of this batch's (the ranks' average under torch.distributed).
         """
         x_hat = normalized(module, a)
         dims = _reduce_dims(a)
         plain = {"weight": (grad_output * x_hat).sum(dim=dims), "bias": grad_output.sum(dim=dims)}
         g_gamma = plain["weight"] + weight_decay * module.weight.detach()
         g_beta = plain["bias"] + weight_decay * module.bias.detach()
-        if gram_gamma is None:
-            gram_gamma = (x_hat * x_hat).sum(dim=dims) / a.shape[0]
-        nonzero = gram_gamma > 0
-        gamma = torch.where(nonzero, g_gamma / torch.where(nonzero, gram_gamma, torch.ones_like(gram_gamma)), 0.0)
+        if gram is None:
+            gram = (x_hat * x_hat).sum(dim=dims) / a.shape[0]
         locations = a[0, 0].numel() if a.dim() > 2 else 1
-        return {"weight": gamma, "bias": g_beta / locations}, plain
+        return {"weight": safe_divide(g_gamma, gram), "bias": g_beta / locations}, plain

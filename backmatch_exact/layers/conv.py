@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModuleError
+from ..weights import ExplicitRows, RowSource
 from .base import WeightRule, append_ones_column, mean_sq_column_norm
 
 
@@ -51,26 +52,17 @@ class Conv2dRule(WeightRule):
             )
 
     def column_sq_norms(self, module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
-        from .. import solver
-
+        # eq. 22's c(j, p). The output grid is a product of two 1-D grids, so c(j, ·) = R_h · S_j · R_wᵀ with
+        # S_j = Σ_k W[k,j]² and R[p, v] = 1 where kernel offset v of some output position reads input position
+        # p: two small matrix products (a transposed convolution of ones with W² gives the same, slower)
         w_sq = module.weight.detach() ** 2
         height, width = a.shape[-2:]
         out_h, out_w = _output_size(module, height, width)
-        if not solver.reference:
-            # the output grid is a product of two 1-D grids, so c(j, ·) = R_h · S_j · R_wᵀ with S_j = Σ_k W[k,j]²
-            # and R[p, v] = 1 where kernel offset v of some output position reads input position p: two small
-            # matrix products instead of a transposed convolution (whose setup dominated at this size)
-            (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-            ph, pw = _int_padding(module)
-            rows = _reads(height, out_h, kh, sh, dh, ph, w_sq.dtype, w_sq.device)
-            cols = _reads(width, out_w, kw, sw, dw, pw, w_sq.dtype, w_sq.device)
-            return (rows @ w_sq.sum(0) @ cols.T)[None]
-        ones = w_sq.new_ones(1, module.out_channels, out_h, out_w)
-        padding = _int_padding(module)
-        # eq. 22 denominators: the transposed conv of ones with W², cropped to the input size
-        full = F.conv_transpose2d(ones, w_sq, stride=module.stride, padding=padding, dilation=module.dilation,
-                                  output_padding=_output_padding(module, height, width, out_h, out_w))
-        return full
+        (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+        ph, pw = _int_padding(module)
+        rows = _reads(height, out_h, kh, sh, dh, ph, w_sq.dtype, w_sq.device)
+        cols = _reads(width, out_w, kw, sw, dw, pw, w_sq.dtype, w_sq.device)
+        return (rows @ w_sq.sum(0) @ cols.T)[None]
 
     def input_rows(self, module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
         _check_4d(module, a)
@@ -83,17 +75,34 @@ class Conv2dRule(WeightRule):
         return g_b.flatten(2).transpose(1, 2).reshape(-1, module.out_channels)
 
     def approx_ratio(self, module: nn.Conv2d, place) -> float:
-        input_locations = place.input_shape[-2] * place.input_shape[-1]
-        return mean_sq_column_norm(module.weight, place) * place.sharing / input_locations  # eq. 35
+        return mean_sq_column_norm(module.weight, place) / self.location_factor(module, place)  # eq. 35
 
-    # ------------------------------------------------------------ fast path (solver.reference=False)
-    def sample_rows(self, module: nn.Conv2d, a: torch.Tensor) -> int:
+    def location_factor(self, module: nn.Conv2d, place) -> float:
+        return place.input_shape[-2] * place.input_shape[-1] / place.sharing
+
+    def row_source(self, module: nn.Conv2d, a: torch.Tensor) -> "ConvRows":
         _check_4d(module, a)
-        out_h, out_w = _output_size(module, *a.shape[-2:])
-        return a.shape[0] * out_h * out_w
+        return ConvRows(module, a)
 
-    def gram(self, module: nn.Conv2d, a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``AᵀA`` without the im2col matrix: by kernel-row lags when the stride along the height is 1.
+    def autograd_weight_grads(self, module: nn.Conv2d, node):
+        if node is None or not node.name().startswith("ConvolutionBackward"):
+            return None
+        # the node's grad_inputs are (g_input, g_W, g_b): g_W in the weight's own dtype, None when not asked for
+        return lambda grad_inputs: {"weight": grad_inputs[1], "bias": grad_inputs[2]}
+
+
+class ConvRows(RowSource):
+    """A conv layer's im2col rows ``A`` (N = B·H_out·W_out rows) used without ever forming them."""
+
+    def __init__(self, module: nn.Conv2d, a: torch.Tensor):
+        self.module, self.a = module, a
+        out_h, out_w = _output_size(module, *a.shape[-2:])
+        self.batch = a.shape[0]
+        self.samples = a.shape[0] * out_h * out_w
+        self.d = module.weight[0].numel() + (module.bias is not None)
+
+    def gram(self, dtype: torch.dtype) -> torch.Tensor:
+        """``AᵀA / B`` by kernel-row lags when the stride along the height is 1.
 
         Row-lag form: an output row reads input rows ``r = u + dil·i`` (kernel row i).
         With ``A1[r]`` the 1-D im2col of input row r along the width (B·W_out x C·k_w),
@@ -105,22 +114,16 @@ class Conv2dRule(WeightRule):
         direct product's. Otherwise (stride > 1 along the height, k_h = 1, tiny
         outputs) the im2col Gram, a batch chunk at a time.
         """
-        from .. import solver
-
-        _check_4d(module, a)
-        if solver.reference:
-            return super().gram(module, a, dtype)
-        a = a.to(dtype)
+        module, a = self.module, self.a.to(dtype)
         geometry = _geometry(module, a)
         geometry["sums"] = module.bias is not None  # column sums of A: only the bias needs them
         gram, sums = (_gram_row_lag if _row_lag_pays(geometry) else _gram_direct)(a, geometry)
-        if module.bias is None:
-            return gram
-        count = a.shape[0] * geometry["out_h"] * geometry["out_w"]
-        corner = sums.new_full((1, 1), float(count))
-        return torch.cat([torch.cat([gram, sums[:, None]], 1), torch.cat([sums[None], corner], 1)], 0)
+        if module.bias is not None:
+            corner = sums.new_full((1, 1), float(self.samples))
+            gram = torch.cat([torch.cat([gram, sums[:, None]], 1), torch.cat([sums[None], corner], 1)], 0)
+        return gram / self.batch
 
-    def kernel(self, module: nn.Conv2d, a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def kernel(self, dtype: torch.dtype) -> torch.Tensor:
         """``K = AAᵀ`` (N x N, rows in ``signal_rows`` order) without the im2col matrix.
 
         ``K[(b,u),(b',u')] = Σ_i P[(b, p_i(u)), (b', p_i(u'))]`` with the pixel Gram
@@ -128,12 +131,11 @@ class Conv2dRule(WeightRule):
         pixel kernel offset i reads at output u (none in the padding): C multiply-adds
         per pixel pair instead of C·k_h·k_w per row pair, then k_h·k_w strided sums.
         """
-        _check_4d(module, a)
+        module, a = self.module, self.a
         g = _geometry(module, a)
         batch, channels, height, width = a.shape
         if height * width > 4 * g["out_h"] * g["out_w"]:  # strided: the pixel Gram would outgrow K itself
-            rows = self.input_rows(module, a).to(dtype)
-            return rows @ rows.T
+            return ExplicitRows(Conv2dRule().input_rows(module, a), batch).kernel(dtype)
         pixels = a.to(dtype).permute(0, 2, 3, 1).reshape(-1, channels)
         gram = (pixels @ pixels.T).view(batch, height, width, batch, height, width)
         out_h, out_w = g["out_h"], g["out_w"]
@@ -150,8 +152,9 @@ class Conv2dRule(WeightRule):
             kernel += 1.0  # the ones column
         return kernel
 
-    def rows_product(self, module: nn.Conv2d, a: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    def times_rows(self, coeffs: torch.Tensor) -> torch.Tensor:
         """``C·A`` (r x d) for ``C`` (r x N) in ``signal_rows`` order: a weight-gradient convolution, no im2col."""
+        module, a = self.module, self.a
         out_h, out_w = _output_size(module, *a.shape[-2:])
         r = coeffs.shape[0]
         grad_output = coeffs.T.reshape(a.shape[0], out_h * out_w, r).transpose(1, 2).reshape(
@@ -162,20 +165,6 @@ class Conv2dRule(WeightRule):
             [r] if has_bias else None, list(module.stride), list(_int_padding(module)), list(module.dilation), False,
             [0, 0], 1, [False, True, has_bias])
         flat = grad_w.reshape(r, -1)
-        return torch.cat([flat, grad_b[:, None]], 1) if has_bias else flat
-
-    def weight_grad(self, module: nn.Conv2d, a: torch.Tensor, g_b: torch.Tensor) -> torch.Tensor:
-        """``g_W`` by the convolution's own weight-gradient kernel (no im2col)."""
-        from .. import solver
-
-        if solver.reference:
-            return super().weight_grad(module, a, g_b)
-        weight = module.weight.detach()
-        has_bias = module.bias is not None
-        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            g_b, a, weight, [weight.shape[0]] if has_bias else None, list(module.stride),
-            list(_int_padding(module)), list(module.dilation), False, [0, 0], 1, [False, True, has_bias])
-        flat = grad_w.reshape(weight.shape[0], -1)
         return torch.cat([flat, grad_b[:, None]], 1) if has_bias else flat
 
 
@@ -336,13 +325,3 @@ def _output_size(module: nn.Conv2d, height: int, width: int) -> tuple[int, int]:
     for n, p, d, k, s in zip((height, width), padding, module.dilation, module.kernel_size, module.stride):
         sizes.append((n + 2 * p - d * (k - 1) - 1) // s + 1)
     return tuple(sizes)
-
-
-def _output_padding(module, height, width, out_h, out_w):
-    """Rows/columns the transposed conv must add so its output has the input's size (stride remainder)."""
-    padding = _int_padding(module)
-    extra = []
-    for n, m, p, d, k, s in zip((height, width), (out_h, out_w), padding, module.dilation, module.kernel_size,
-                                module.stride):
-        extra.append(n - ((m - 1) * s - 2 * p + d * (k - 1) + 1))
-    return tuple(extra)

@@ -20,12 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModuleError
-from .base import LayerRule
+from .base import UnitRatioRule
 
 
-class MaxPool2dRule(LayerRule):
+class PoolingRule(UnitRatioRule):
+    """What the pooling layers share: signal damping applies, and Algorithm 1 gives them r = 1."""
+
     damped = True
 
+
+class MaxPool2dRule(PoolingRule):
     def check(self, module: nn.MaxPool2d, path: str) -> None:
         if module.return_indices:
             raise UnsupportedModuleError(f"layer {path!r} (MaxPool2d): return_indices=True is not supported")
@@ -56,16 +60,12 @@ def _disjoint_windows(module: nn.MaxPool2d) -> bool:
     return all(s >= d * (k - 1) + 1 for s, d, k in zip(stride, dilation, kernel))
 
 
-class AvgPool2dRule(LayerRule):
-    damped = True
-
+class AvgPool2dRule(PoolingRule):
     def column_sq_norms(self, module: nn.AvgPool2d, a: torch.Tensor) -> torch.Tensor:
         return _avg_pool_col_sq(module, tuple(a.shape[-2:]), a.dtype, a.device)
 
 
-class AdaptiveAvgPool2dRule(LayerRule):
-    damped = True
-
+class AdaptiveAvgPool2dRule(PoolingRule):
     def column_sq_norms(self, module: nn.AdaptiveAvgPool2d, a: torch.Tensor) -> torch.Tensor:
         height, width = a.shape[-2:]
         out = module.output_size if isinstance(module.output_size, tuple) else (module.output_size,) * 2

@@ -1,0 +1,143 @@
+"""One weight layer's least-squares problem: from its input rows and output signals to ``g'_W`` and a stats row.
+
+A weight layer (Linear; Conv2d in its im2col view, eq. 19) computes ``b = W̃ ã``
+for every sample and location. With its input rows ``A`` (N x d: one row per
+sample and location, a column of ones for a bias) and the signals at its
+outputs ``S`` (N x n, carrying the loss's 1/B), the ordinary gradient is
+``g_W = Sᵀ A`` and back-matching (eq. 13/23) asks for
+
+    g'_W = (g_W + wd·W̃) · (G + λI)⁺,      G = AᵀA / B
+
+(mean over the B samples, sum over locations; weight decay added before the
+solve, paper §3.2). :func:`solve` is the only place this is computed. Where the
+rows come from is a plug-in, a :class:`RowSource`:
+
+* :class:`ExplicitRows` — A itself: the reference backend, Linear layers, the
+  rows gathered from every rank under ``torch.distributed``;
+* a rule's fast source — ``Conv2dRule.row_source`` forms ``AᵀA`` by kernel-row
+  lags, ``AAᵀ`` from the pixel Gram and ``C·A`` by a weight-gradient convolution,
+  never the im2col matrix;
+* :class:`ExchangedGram` — the ranks' averaged Gram (``distributed.py``): the primal form only.
+
+Primal or dual: the N x N dual form (``solver.dual_solve``) is used when the
+source can give the kernel ``AAᵀ``, there is no weight decay (``wd·W̃`` lies
+outside A's row space, where the dual cannot reach) and either
+``solve_method="dual"`` or ``"auto"`` with N < d.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from . import solver
+from .timing import NO_TIMING, Timing
+
+
+class RowSource:
+    """The input rows ``A`` of one weight problem, in whatever form is cheapest to use.
+
+    ``samples`` (N) and ``d`` are A's shape, ``batch`` (B) the number of samples its rows come from.
+    """
+
+    samples: int
+    d: int
+    batch: int
+
+    def gram(self, dtype: torch.dtype) -> torch.Tensor:
+        """``G = AᵀA / B`` (d x d) in ``dtype``."""
+        raise NotImplementedError
+
+    def kernel(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """``AAᵀ`` (N x N, a fresh tensor the solve may overwrite) in ``dtype``; None: only the primal form."""
+        return None
+
+    def times_rows(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """``C·A`` for ``C`` (r x N) in row order; with ``C = Sᵀ`` this is ``g_W``."""
+        raise NotImplementedError
+
+
+class ExplicitRows(RowSource):
+    """``A`` as a matrix (N x d)."""
+
+    def __init__(self, rows: torch.Tensor, batch: int):
+        self.rows, self.batch = rows, batch
+        self.samples, self.d = rows.shape
+
+    def gram(self, dtype):
+        rows = self.rows.to(dtype)
+        return rows.T @ rows / self.batch
+
+    def kernel(self, dtype):
+        rows = self.rows.to(dtype)
+        return rows @ rows.T
+
+    def times_rows(self, coeffs):
+        return coeffs @ self.rows.to(coeffs.dtype)
+
+
+class ExchangedGram(RowSource):
+    """A Gram formed elsewhere (the ranks' average): the primal form only."""
+
+    def __init__(self, gram: torch.Tensor, samples: int, batch: int):
+        self._gram, self.samples, self.batch = gram, samples, batch
+        self.d = gram.shape[0]
+
+    def gram(self, dtype):
+        return self._gram.to(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What ``attach`` says about every weight solve."""
+
+    damping: float = 0.0  # λ
+    relative_damping: bool = True  # λ · mean(diag G) instead of λ
+    weight_decay: float = 0.0
+    solve_method: str = "auto"  # "auto" | "primal" | "dual"
+
+
+def uses_dual(source: RowSource, settings: Settings) -> bool:
+    """Whether :func:`solve` takes the N x N dual form for ``source``."""
+    if settings.weight_decay or settings.solve_method == "primal" or isinstance(source, ExchangedGram):
+        return False
+    return settings.solve_method == "dual" or source.samples < source.d
+
+
+def solve(source: RowSource, plain: torch.Tensor, signals: Callable[[], torch.Tensor], weight: torch.Tensor,
+          settings: Settings, layer: str = "", timing: Timing = NO_TIMING,
+          identity_scale: float | None = None) -> tuple[torch.Tensor, solver.SolveInfo]:
+    """``g'_W`` (n x d, laid out like ``weight``) and what the solve did.
+
+    ``plain``: ``g_W = Sᵀ A``; ``signals()``: S (N x n, rows in the source's
+    order), asked for only by the dual form; ``weight``: ``W̃`` for the weight
+    decay. ``identity_scale=s``: Algorithm 1's approximation ``G ≈ s·I``, so
+    ``g'_W = (g_W + wd·W̃) / s`` and nothing is factored.
+    """
+    if identity_scale is not None:
+        total = plain + settings.weight_decay * weight if settings.weight_decay else plain
+        nan = float("nan")
+        return total / identity_scale, solver.SolveInfo("identity", source.d, source.d, nan, 0.0, nan)
+    dtype = solver.solve_dtype(plain.dtype)
+    if uses_dual(source, settings):
+        with timing.part(layer, "gram"):
+            kernel = source.kernel(dtype)
+        with timing.part(layer, "weight_grad"):
+            rows_signals = signals()
+        return solver.dual_solve(kernel, rows_signals, plain, source.batch, source.times_rows, source.d,
+                                 settings.damping, settings.relative_damping, layer, timing)
+    with timing.part(layer, "gram"):
+        gram = source.gram(dtype)
+    total = plain + settings.weight_decay * weight if settings.weight_decay else plain
+    return solver.primal_solve(gram, total, settings.damping, settings.relative_damping, layer, timing)
+
+
+def stats_row(layer: str, kind: str, source: RowSource, outputs: int, info: solver.SolveInfo,
+              amplification) -> dict:
+    """The row ``engine.stats()`` reports for one weight layer (see ``Engine.stats``)."""
+    return {"layer": layer, "kind": kind, "d": source.d, "outputs": outputs, "samples": source.samples,
+            "batch": source.batch, "path": info.path, "rank": info.rank, "condition": info.condition,
+            "residual": info.residual, "damping": info.damping, "amplification": amplification,
+            "fallback": info.fallback}
