@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import backmatch_exact as bm
-from backmatch_exact import bench, solver
+from backmatch_exact import solver
+from backmatch_exact.research import bench
 from backmatch_exact.layers import rule_for
 from backmatch_exact.layers.base import LayerRule
 from backmatch_exact.layers.pooling import MaxPool2dRule, _disjoint_windows
