@@ -7,11 +7,11 @@
     engine.detach()
 """
 
-from . import models, optim
+from . import data, models, optim
 from .engine import MODES, Engine, attach
 from .errors import BackMatchError, GraphError, NonFiniteError, SolveError, UnsupportedModuleError
 
 __version__ = "0.1.0"
 
-__all__ = ["attach", "Engine", "MODES", "models", "optim", "BackMatchError", "GraphError", "NonFiniteError",
-           "SolveError", "UnsupportedModuleError"]
+__all__ = ["attach", "Engine", "MODES", "data", "models", "optim", "BackMatchError", "GraphError",
+           "NonFiniteError", "SolveError", "UnsupportedModuleError"]

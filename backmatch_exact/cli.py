@@ -8,6 +8,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import backmatch_exact as bm
+
+from . import data
+from .research import bench, compare, train
+
 STATS_COLUMNS = ["layer", "kind", "d", "samples", "path", "rank", "condition", "residual", "amplification"]
 
 
@@ -28,9 +33,6 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 def check(args: argparse.Namespace) -> int:
     """One exact back-matching step on LeNet-BN and a batch of the shipped data; print per-layer stats."""
-    import backmatch_exact as bm
-    from backmatch_exact import data
-
     torch.manual_seed(args.seed)
     dataset = data.load(args.data)
     dtype = getattr(torch, args.dtype)
@@ -60,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=check)
 
-    from . import compare, train
-
     p = sub.add_parser("compare", help="exact back-matching vs Algorithm 1 at checkpoints of a training run")
     compare.add_arguments(p)
     p.set_defaults(run=compare.main)
@@ -69,8 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train with several optimizers on the same weights and batches")
     train.add_arguments(p)
     p.set_defaults(run=train.main)
-
-    from . import bench
 
     p = sub.add_parser("bench", help="time a training step per engine mode, side by side; per-layer breakdown")
     bench.add_arguments(p)

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import backmatch_exact as bm
-from backmatch_exact import compare, train
-from backmatch_exact.compare import ALGORITHM1, EXACT, Approximations
+from backmatch_exact.research import compare, train
+from backmatch_exact.research.compare import ALGORITHM1, EXACT, Approximations
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

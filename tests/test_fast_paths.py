@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import backmatch_exact as bm
-from backmatch_exact import bench
+from backmatch_exact.research import bench
 from backmatch_exact.layers import rule_for
 from backmatch_exact.layers.base import LayerRule
 from backmatch_exact.layers.conv import _int_padding

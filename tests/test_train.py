@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from backmatch_exact import train
+from backmatch_exact.research import common, train
 
 TIMING_KEYS = {"epoch_time_s", "wall_time_s"}
 
@@ -129,16 +129,16 @@ def test_sweep_expansion():
 
 def test_lr_schedule_and_optimizers():
     assert train.lr_at(59, 0.1, 0.2, 60) == 0.1 and train.lr_at(60, 0.1, 0.2, 60) == pytest.approx(0.02)
-    model = train.build_model("lenet", 1, 10)
-    for name in train.OPTIMIZERS:
-        optimizer, engine = train.make_optimizer(name, model, 0.1, weight_decay=1e-4)
-        assert (engine is not None) == (name in train.ENGINE_MODES)
+    model = common.build_model("lenet", 1, 10)
+    for name in common.OPTIMIZERS:
+        optimizer, engine = common.make_optimizer(name, model, 0.1, weight_decay=1e-4)
+        assert (engine is not None) == (name in common.ENGINE_MODES)
         wd = optimizer.param_groups[0]["weight_decay"]
         assert wd == (0.0 if engine is not None else 1e-4)
         if engine is not None:
             assert engine.weight_decay == 1e-4
             engine.detach()
-    assert sum(p.numel() for p in train.build_model("vgg11", 3, 100).parameters()) > 9e6
+    assert sum(p.numel() for p in common.build_model("vgg11", 3, 100).parameters()) > 9e6
 
 
 # ------------------------------------------------------------------ under torchrun
@@ -162,7 +162,7 @@ def _sharded_sgd_reference(epochs=2, lr=0.05, momentum=0.9):
     dataset = data.load("default")
     x_train, y_train = dataset.x_train[:128].double(), dataset.y_train[:128]
     torch.manual_seed(0)
-    model = train.build_model("lenet", dataset.in_channels, dataset.num_classes).double()
+    model = common.build_model("lenet", dataset.in_channels, dataset.num_classes).double()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     generator = torch.Generator().manual_seed(0)
     for _ in range(epochs):

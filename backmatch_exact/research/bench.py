@@ -38,18 +38,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+import backmatch_exact as bm
+
+from .common import build_model
+
 MODES = ("plain", "bp", "approx", "exact", "exact_weights")
 PARTS = ("gram", "weight_grad", "factor", "solve", "dual", "column_norms", "input_signal")
-
-
-def build_model(name: str) -> torch.nn.Module:
-    import backmatch_exact as bm
-
-    if name == "lenet":
-        return bm.models.lenet_bn(3, 10)
-    if name == "vgg11":
-        return bm.models.vgg_bn(11, 3, 10)
-    raise ValueError(f"unknown model {name!r}: lenet or vgg11")
 
 
 def _sync(device: torch.device):
@@ -62,8 +56,6 @@ class _Runner:
     """One mode: its model copy, engine, optimizer and the saved initial state."""
 
     def __init__(self, mode: str, base: torch.nn.Module, lr: float):
-        import backmatch_exact as bm
-
         self.mode = mode
         self.model = copy.deepcopy(base)
         self.engine = None if mode == "plain" else bm.attach(self.model, mode=mode)
@@ -108,7 +100,7 @@ def _run(model, batch, device, dtype, steps, warmup, modes, lr, profile_steps, s
         torch.backends.cudnn.allow_tf32 = False
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(seed)
-    base = build_model(model).to(dev, torch_dtype).train()
+    base = build_model(model, 3, 10).to(dev, torch_dtype).train()  # CIFAR shapes: the batch is 3 x 32 x 32
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch, 3, 32, 32, generator=gen).to(dev, torch_dtype)
     y = torch.randint(0, 10, (batch,), generator=gen).to(dev)

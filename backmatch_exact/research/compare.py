@@ -34,6 +34,7 @@ backprop, Algorithm 1's ``r = 1``).
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import functools
 import json
@@ -45,14 +46,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 import backmatch_exact as bm
 
-from . import solver
-from .approx import ApproxFactors, algorithm1
-from .layers import LayerRule, rule_for
-from .layers.base import divide_by_column_sq_norms, mean_sq_column_norm, mean_sq_row_norm
-from .layers.batchnorm import BatchNormRule, batch_std
+from .. import data, solver
+from ..approx import ApproxFactors, algorithm1
+from ..layers import LayerRule, rule_for
+from ..layers.base import divide_by_column_sq_norms, mean_sq_column_norm, mean_sq_row_norm
+from ..layers.batchnorm import BatchNormRule, batch_std
+from .common import MODELS, OPTIMIZERS, build_model, make_optimizer
+from .figures import compare_figures
 
 # --------------------------------------------------------------------------------------------------
 # The manual back-matching pass
@@ -605,8 +609,6 @@ CSV_COLUMNS = (["step", "layer", "kind", "cosine", "norm_ratio", "m_exact", "m_a
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``backmatch compare`` options."""
-    from .train import MODELS, OPTIMIZERS
-
     parser.add_argument("--data", default="default", help="'default' (shipped Fashion-MNIST subset) or a folder")
     parser.add_argument("--model", default="lenet", choices=MODELS)
     parser.add_argument("--optim", default="sgd", choices=OPTIMIZERS, help="optimizer that trains the network")
@@ -634,8 +636,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    import csv
-
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -658,11 +658,6 @@ def run(args: argparse.Namespace) -> dict:
 
     Returns the summary dictionary (also written to ``summary.json``).
     """
-    from tqdm import tqdm
-
-    from . import data, plots
-    from .train import build_model, make_optimizer
-
     if args.steps < 0 or args.every <= 0:
         raise ValueError("--steps must be >= 0 and --every > 0")
     if args.threads:
@@ -732,7 +727,8 @@ def run(args: argparse.Namespace) -> dict:
     checks = {key: max(c[key] for c in all_checks) for key in ("manual_vs_bp", "manual_vs_exact", "manual_vs_approx")}
     text = findings(rows, checks, args.eval_dtype)
     _write_csv(out / "layers.csv", rows)
-    figures = plots.compare_figures(rows, losses, out)
+    costs, spread = ablation_costs(rows), gradient_spread(rows)
+    figures = compare_figures(rows, losses, out, Approximations.names(), costs, spread)
     total = time.perf_counter() - start
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     last = max(r["step"] for r in rows)
@@ -745,8 +741,8 @@ def run(args: argparse.Namespace) -> dict:
         "final": {r["layer"]: {k: r[k] for k in CSV_COLUMNS if k in r} for r in rows if r["step"] == last},
         "mean_over_checkpoints": {layer: {k: _mean(r[k] for r in rows if r["layer"] == layer)
                                           for k in CSV_COLUMNS[3:] if k not in ("kind",)} for layer in layers},
-        "ablation_costs": ablation_costs(rows),
-        "gradient_spread": gradient_spread(rows),
+        "ablation_costs": costs,
+        "gradient_spread": spread,
         "train_loss": losses,
         "figures": figures,
         "findings": text,

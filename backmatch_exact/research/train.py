@@ -53,46 +53,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 import backmatch_exact as bm
 
-OPTIMIZERS = ("sgd", "approx", "exact", "exact_weights", "lars", "lsalr")
-ENGINE_MODES = ("approx", "exact", "exact_weights")
-MODELS = ("lenet", "vgg11", "vgg13", "vgg16", "vgg19")
+from .. import data
+from .common import MODELS, OPTIMIZERS, build_model, make_optimizer
+from .figures import training_curves
+
 #: options that must not change when a run is resumed (they change what an epoch computes);
 #: keep --threads too for bit-identical numbers
 RESUME_KEYS = ("data", "model", "batch_size", "train_subset", "augment", "momentum", "nesterov", "weight_decay",
                "lr_decay", "decay_every", "dtype", "max_loss", "processes")
-
-
-def build_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
-    """``"lenet"`` → LeNet-BN, ``"vgg11"`` … ``"vgg19"`` → VGG-BN of that depth."""
-    if name == "lenet":
-        return bm.models.lenet_bn(in_channels, num_classes)
-    if name.startswith("vgg") and name[3:].isdigit():
-        return bm.models.vgg_bn(int(name[3:]), in_channels, num_classes)
-    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
-
-
-def make_optimizer(name: str, model: nn.Module, lr: float, momentum: float = 0.0, nesterov: bool = False,
-                   weight_decay: float = 0.0, damping: float = 0.0, signal_damping: float = 0.0):
-    """The optimizer ``name`` for ``model``, and the back-matching engine it needs (None for sgd/lars/lsalr).
-
-    Engine modes get the weight decay through ``attach`` and an SGD with
-    ``weight_decay=0``; the others keep it in the optimizer. Detach the engine
-    (``engine.detach()``) when done with the model.
-    """
-    params = model.parameters()
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay), None
-    if name in ("lars", "lsalr"):
-        cls = bm.optim.LARS if name == "lars" else bm.optim.LSALR
-        return cls(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay), None
-    if name in ENGINE_MODES:
-        engine = bm.attach(model, mode=name, damping=damping, signal_damping=signal_damping,
-                           weight_decay=weight_decay)
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0), engine
-    raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,10 +287,6 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
     ``out/results.jsonl`` and checkpoints after each (rank 0 only). Returns
     ``"done"`` or ``"diverged"``. A KeyboardInterrupt loses only the epoch in progress.
     """
-    from tqdm import tqdm
-
-    from . import data
-
     ckpt_path = _checkpoint_path(out, config)
     ckpt = ranks.from_leader(_load_checkpoint(ckpt_path) if ranks.leader else None)
     if ckpt is not None and progress is not None:
@@ -488,8 +456,6 @@ def summary_table(results: list[dict]) -> str:
 
 def summarize(out: Path) -> str:
     """Rebuild ``summary.md`` and ``curves.png`` from ``out/results.jsonl``; return the markdown."""
-    from . import plots
-
     out = Path(out)
     results = read_results(out / "results.jsonl")
     args = json.loads((out / "args.json").read_text()) if (out / "args.json").exists() else {}
@@ -505,7 +471,7 @@ def summarize(out: Path) -> str:
              "peak step loss: the largest mini-batch loss of any seed in any finished epoch.",
              "", summary_table(results), ""]
     if results:
-        plots.training_curves(results, out / "curves.png")
+        training_curves(group_results(results), out / "curves.png")
         text += ["![training curves](curves.png)", ""]
     markdown = "\n".join(text)
     (out / "summary.md").write_text(markdown)
@@ -587,10 +553,6 @@ def main(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> int:
     """``main`` once the process group (if any) is joined."""
-    from tqdm import tqdm
-
-    from . import data
-
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.batch_size % ranks.size:

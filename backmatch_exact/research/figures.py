@@ -1,4 +1,8 @@
-"""Figures for ``backmatch compare`` and ``backmatch train`` (matplotlib, Agg backend, PNG files)."""
+"""Figures for ``backmatch compare`` and ``backmatch train`` (matplotlib, Agg backend, PNG files).
+
+A figure draws the data it is handed: the commands compute every number and
+grouping it shows, so this module imports nothing from the package.
+"""
 
 from __future__ import annotations
 
@@ -34,8 +38,15 @@ def _save(fig, out: Path, name: str) -> str:
     return name
 
 
-def compare_figures(rows: list[dict], losses: list[float], out: Path) -> list[str]:
-    """The ``backmatch compare`` plots; returns the file names written into ``out``."""
+def compare_figures(rows: list[dict], losses: list[float], out: Path, approximation_names: list[str],
+                    costs: dict[str, dict], spread: dict[int, dict]) -> list[str]:
+    """The ``backmatch compare`` plots; returns the file names written into ``out``.
+
+    ``rows``: the ``layers.csv`` rows; ``losses``: the training loss per step;
+    ``approximation_names``: Algorithm 1's switches, in order (``Approximations.names()``);
+    ``costs``: per ablation key, its mean costs (``ablation_costs(rows)``);
+    ``spread``: per checkpoint and method, max/min of ``‖g_W‖/‖W‖`` over layers (``gradient_spread(rows)``).
+    """
     out = Path(out)
     names = []
     last = max(r["step"] for r in rows)
@@ -66,13 +77,10 @@ def compare_figures(rows: list[dict], losses: list[float], out: Path) -> list[st
     axes[1].set(title="m_approx / m_exact", xlabel="step")
     names.append(_save(fig, out, "backward_factor.png"))
 
-    from .compare import Approximations, ablation_costs
-
-    costs = ablation_costs(rows)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    width = 0.8 / len(Approximations.names())
+    width = 0.8 / len(approximation_names)
     x = range(len(layers))
-    for k, name in enumerate(Approximations.names()):
+    for k, name in enumerate(approximation_names):
         for ax, prefix in zip(axes, ("only", "without")):
             per_layer = [_mean_over_steps(rows, layer, f"{prefix}_{name}_cos") for layer in layers]
             ax.bar([i + k * width for i in x], [1 - v for v in per_layer], width,
@@ -90,9 +98,6 @@ def compare_figures(rows: list[dict], losses: list[float], out: Path) -> list[st
     axes[0].set_yscale("log")
     axes[0].set(title=f"‖g_W‖ / ‖W‖ per layer at step {last}")
     axes[0].legend()
-    from .compare import gradient_spread
-
-    spread = gradient_spread(rows)
     steps = sorted(spread)
     for method in ("bp", "exact", "approx"):
         axes[1].plot(steps, [spread[s][method] for s in steps], "-o", ms=3, label=method)
@@ -119,18 +124,17 @@ def _mean_over_steps(rows: list[dict], layer: str, key: str) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def training_curves(results: list[dict], path: Path) -> None:
+def training_curves(groups: dict[str, dict[int, list[dict]]], path: Path) -> None:
     """Paper Fig. 2 style: training loss and test error vs epoch, one line per config (mean over seeds).
 
-    Runs that diverged are marked with an ✕ at the top of both panels, at the
-    epoch where they diverged.
+    ``groups``: the ``results.jsonl`` lines as ``{label: {seed: [lines in epoch order]}}``
+    (``train.group_results``). Runs that diverged are marked with an ✕ at the top
+    of both panels, at the epoch where they diverged.
     """
-    from .train import group_results
-
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     top = [mtransforms.blended_transform_factory(ax.transData, ax.transAxes) for ax in axes]
     diverged_any = False
-    for label, seeds in group_results(results).items():
+    for label, seeds in groups.items():
         per_epoch: dict[int, list[dict]] = {}
         for runs in seeds.values():
             for r in runs:

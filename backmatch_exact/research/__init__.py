@@ -1,0 +1,10 @@
+"""The research commands ``backmatch compare``, ``train`` and ``bench``, and their figures.
+
+Nothing here is needed to use the engine: these are the experiments that
+``validation/`` runs. Nothing in here imports upward:
+
+* ``figures`` draws the data it is handed and imports nothing from research;
+* ``common`` holds what the commands share (model and optimizer names and builders);
+* the commands ``compare``, ``train`` and ``bench`` import ``figures`` and ``common``
+  (and the engine below them), never each other.
+"""
