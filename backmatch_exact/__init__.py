@@ -1,17 +1,22 @@
 """Exact and approximate back-matching propagation for torch.nn networks.
 
     import backmatch_exact as bm
-    engine = bm.attach(model, mode="exact")   # or "bp", "exact_weights"
+    engine = bm.attach(model, mode="exact")   # or "bp", "exact_weights", "approx"
     loss.backward()                           # p.grad holds the back-matched gradient
     engine.stats()                            # what each layer's solve did
     engine.detach()
+
+``bm.attach(model, mode="exact", approximations=["gram"])`` makes some of Algorithm 1's
+approximations (:class:`Approximations`); ``bm.optim`` has the paper's baselines,
+``bm.models`` its networks, ``bm.data`` the shipped data and loaders.
 """
 
 from . import data, models, optim
-from .engine import MODES, Engine, attach
+from .approx import Approximations
+from .engine import BACKENDS, MODES, Engine, attach
 from .errors import BackMatchError, GraphError, NonFiniteError, SolveError, UnsupportedModuleError
 
 __version__ = "0.1.0"
 
-__all__ = ["attach", "Engine", "MODES", "data", "models", "optim", "BackMatchError", "GraphError",
-           "NonFiniteError", "SolveError", "UnsupportedModuleError"]
+__all__ = ["attach", "Engine", "MODES", "BACKENDS", "Approximations", "data", "models", "optim", "BackMatchError",
+           "GraphError", "NonFiniteError", "SolveError", "UnsupportedModuleError"]

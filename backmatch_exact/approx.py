@@ -87,7 +87,7 @@ ALGORITHM1 = Approximations(**{name: True for name in Approximations.names()})
 
 #: what each switch means, for reports
 DESCRIPTIONS = {
-    "gram": "(a) G ≈ s·I: weight solve g_W·G⁺ replaced by g_W/s",
+    "gram": "(a) G ≈ s·I: weight solve g_W·G⁺ replaced by g_W/s (BatchNorm γ, β: their plain gradient, s = 1)",
     "columns": "(b) row homogeneity: per-unit column norms ‖w_j‖² / c(j,p) replaced by their mean",
     "conv_factor": "conv denominators further divided by c = H_in·W_in/s (Algorithm 1's conv ratio)",
     "bn_variance": "(c) BN: Var[a] replaced by ‖W_prev‖²_{2,µ}",

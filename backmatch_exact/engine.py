@@ -423,8 +423,12 @@ class Engine:
         """The closed-form back-matched gradients of a layer's own parameters (BatchNorm's γ, β)."""
         layer = call.layer
         gram = self.distributed.parameter_gram(layer.path) if self.distributed is not None else None
-        solved, call.plain_grads = layer.rule.parameter_gradients(layer.module, call.input.detach(), grad,
-                                                                  self.settings.weight_decay, gram)
+        wd = self.settings.weight_decay
+        solved, call.plain_grads = layer.rule.parameter_gradients(layer.module, call.input.detach(), grad, wd, gram)
+        if self.approximations.gram:  # Algorithm 1's G ≈ s·I here too: s = 1 off weight layers, as approx mode has it
+            scale = call.approx.sharing_factor
+            solved = {name: (g + wd * getattr(layer.module, name).detach()) / scale
+                      for name, g in call.plain_grads.items()}
         for name, value in solved.items():
             self._pending[getattr(layer.module, name)] = value
 

@@ -1,11 +1,14 @@
 """Approx mode (Algorithm 1) against closed forms derived by hand, and its plumbing."""
 
+from collections import OrderedDict
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import backmatch_exact as bm
+from backmatch_exact.layers import rule_for
 
 
 def _sq_mu_rows(w):  # ‖W‖²_{2,µ}: mean squared row norm (W_row for a conv)
@@ -207,3 +210,130 @@ def test_one_engine_follows_new_shapes_and_new_weights():
         for name, p in model.named_parameters():
             assert torch.equal(p.grad, fresh_grads[name]), (size, weight_scale, name)
     engine.detach()
+
+
+# ------------------------------------------------------------------ Algorithm 1's approximations as switches
+def _odd_chain():
+    """Biases, affine BatchNorm with γ far from 1, padding, a stride-2 conv, an average pool, a LeakyReLU."""
+    torch.manual_seed(1)
+    model = nn.Sequential(OrderedDict([
+        ("c1", nn.Conv2d(3, 4, 3, padding=1, bias=True)), ("b1", nn.BatchNorm2d(4)), ("r1", nn.ReLU()),
+        ("p1", nn.MaxPool2d(2)),
+        ("c2", nn.Conv2d(4, 5, 3, stride=2, padding=1, bias=False)), ("b2", nn.BatchNorm2d(5)),
+        ("r2", nn.LeakyReLU(0.2)), ("p2", nn.AvgPool2d(3, stride=1, padding=1)),
+        ("flat", nn.Flatten()),
+        ("f1", nn.Linear(5 * 8 * 8, 7, bias=True)), ("b3", nn.BatchNorm1d(7)), ("r3", nn.ReLU()),
+        ("f2", nn.Linear(7, 10, bias=True)),
+    ])).double()
+    with torch.no_grad():
+        for bn in (model.b1, model.b2, model.b3):
+            bn.weight.uniform_(0.3, 2.0)
+            bn.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def _lenet():
+    return _randomize(bm.models.lenet_bn().double())
+
+
+def _run(model, x, y, **attach):
+    """One backward with the engine: ({weight layer: (input, input signal, output signal)}, {param: grad})."""
+    seen = {}
+
+    def record(name, module, args, output):
+        entry = seen[name] = {"input": args[0].detach()}
+        args[0].register_hook(lambda g: entry.__setitem__("input_signal", g.detach()))
+        output.register_hook(lambda g: entry.__setitem__("output_signal", g.detach()))
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    engine = bm.attach(model, **attach)
+    # after the engine's hooks: the output hook sees the tapped output, the input hook the tapped input
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: record(n, mod, a, o)) for n, m in layers.items()]
+    model.zero_grad()
+    try:
+        F.cross_entropy(model(x.clone().requires_grad_(True)), y).backward()
+    finally:
+        for h in handles:
+            h.remove()
+        engine.detach()
+    return seen, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("make", [_lenet, _odd_chain], ids=["lenet", "odd-chain"])
+def test_exact_with_every_approximation_is_approx_mode(make):
+    """Two implementations of Algorithm 1: approx mode rescales, exact mode with every switch solves layer by layer."""
+    model, (x, y) = make(), _data(6)
+    approx, approx_grads = _run(model, x, y, mode="approx")
+    switched, switched_grads = _run(model, x, y, mode="exact", approximations="all")
+    exact, exact_grads = _run(model, x, y, mode="exact")
+    for name in approx_grads:  # relative to the whole module's gradient: a bias before a BN has only rounding noise
+        module_norm = torch.cat([g.flatten() for n, g in approx_grads.items() if n.split(".")[0] == name.split(".")[0]])
+        assert (switched_grads[name] - approx_grads[name]).norm() < 1e-9 * module_norm.norm(), name
+    for layer in approx:
+        assert _rel(switched[layer]["input_signal"], approx[layer]["input_signal"]) < 1e-9, layer
+    # and they are not exact back-matching
+    assert all(_rel(approx_grads[n], exact_grads[n]) > 1e-3 for n in ("cv1.weight", "fc1.weight", "c1.weight")
+               if n in approx_grads)
+
+
+def test_approximations_change_only_what_they_claim():
+    model, (x, y) = _lenet(), _data(6)
+    exact, exact_grads = _run(model, x, y, mode="exact")
+    _, stats = _grads(model, x, y, mode="approx")
+    sharing = {s["layer"]: s["s"] for s in stats}
+    # (a) G ≈ s·I leaves every signal exact; each weight gradient is g_W / s on the exact output signal
+    gram, gram_grads = _run(model, x, y, mode="exact", approximations=["gram"])
+    for name, module in (("cv1", model.cv1), ("cv2", model.cv2), ("fc1", model.fc1), ("fc2", model.fc2),
+                         ("fc3", model.fc3)):
+        assert torch.equal(gram[name]["output_signal"], exact[name]["output_signal"]), name
+        rule = rule_for(module, name)
+        rows = rule.input_rows(module, exact[name]["input"])
+        signals = rule.signal_rows(module, exact[name]["output_signal"])
+        expected = (signals.T @ rows / sharing[name]).reshape(module.weight.shape)
+        assert _rel(gram_grads[f"{name}.weight"], expected) < 1e-12, name
+    # a conv factor on a network's top layers (Linear) does nothing: fc3, fc2, fc1 stay exact
+    _, conv_grads = _run(model, x, y, mode="exact", approximations=["conv_factor"])
+    for name in ("fc3", "fc2", "fc1"):
+        assert _rel(conv_grads[f"{name}.weight"], exact_grads[f"{name}.weight"]) < 1e-12, name
+    assert _rel(conv_grads["cv1.weight"], exact_grads["cv1.weight"]) > 1e-3
+    # the BN switches act at bn4 and below: fc3's gradient is untouched, fc2's (above bn4's input) is not
+    for switch in ("bn_variance", "bn_coupling"):
+        _, bn_grads = _run(model, x, y, mode="exact", approximations=[switch])
+        assert _rel(bn_grads["fc3.weight"], exact_grads["fc3.weight"]) < 1e-12, switch
+        assert _rel(bn_grads["fc2.weight"], exact_grads["fc2.weight"]) > 1e-3, switch
+    # LeNet's max pools are disjoint: r = 1 is their exact rule, so the switch changes nothing
+    _, unit_grads = _run(model, x, y, mode="exact", approximations=["unit_ratios"])
+    assert all(torch.equal(unit_grads[n], exact_grads[n]) for n in exact_grads)
+
+
+def test_unit_ratios_switch_replaces_pooling_and_leaky_relu_rules():
+    """The odd chain's average pool and LeakyReLU have exact rules that differ from backprop's."""
+    model, (x, y) = _odd_chain(), _data(6)
+    exact, _ = _run(model, x, y, mode="exact")
+    unit, _ = _run(model, x, y, mode="exact", approximations=["unit_ratios"])
+    bp, _ = _run(model, x, y, mode="bp")
+    assert torch.equal(unit["f1"]["input_signal"], exact["f1"]["input_signal"])  # above p2: untouched
+    # below p2 and r2, b2's signal is backprop's through them: c2's output signal is BN's rule on that
+    assert _rel(unit["c2"]["output_signal"], exact["c2"]["output_signal"]) > 1e-3
+    assert _rel(bp["f1"]["input_signal"], unit["f1"]["input_signal"]) > 1e-3  # (the switch is not bp mode)
+
+
+def test_approximation_sets():
+    names = bm.Approximations.names()
+    assert names == ["gram", "columns", "conv_factor", "bn_variance", "bn_coupling", "unit_ratios"]
+    assert not bm.Approximations().any() and all(getattr(bm.Approximations.of("all"), n) for n in names)
+    assert bm.Approximations.only("gram") == bm.Approximations(gram=True) == bm.Approximations.of(["gram"])
+    assert sum(map(bool, vars(bm.Approximations.all_but("columns")).values())) == len(names) - 1
+    assert bm.Approximations.of(None) == bm.Approximations()
+    with pytest.raises(ValueError, match="unknown approximations.*'grams'"):
+        bm.Approximations.of(["grams"])
+
+
+def test_approximations_belong_to_exact_mode():
+    for mode in ("bp", "exact_weights", "approx"):
+        with pytest.raises(ValueError, match="approximations.*mode='exact'"):
+            bm.attach(bm.models.lenet_bn(), mode=mode, approximations=["gram"])

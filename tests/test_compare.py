@@ -1,137 +1,18 @@
-"""The manual back-matching pass against the engine, and a tiny ``backmatch compare`` run."""
+"""``backmatch compare``: its measurements and cross-checks on a tiny run, and its command line."""
 
 import argparse
 import csv
 import json
 import math
-from collections import OrderedDict
 
 import pytest
 import torch
-from torch import nn
 
 import backmatch_exact as bm
 from backmatch_exact.research import compare, train
-from backmatch_exact.research.compare import ALGORITHM1, EXACT, Approximations
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _batch(n=6, channels=3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, channels, 32, 32, generator=gen, dtype=torch.float64),
-            torch.randint(0, 10, (n,), generator=gen))
-
-
-def _lenet():
-    torch.manual_seed(0)
-    return bm.models.lenet_bn().double()
-
-
-def _odd_chain():
-    """Biases, affine BatchNorm with γ far from 1, padding, a stride-2 conv: what LeNet does not have."""
-    torch.manual_seed(1)
-    model = nn.Sequential(OrderedDict([
-        ("c1", nn.Conv2d(3, 4, 3, padding=1, bias=True)), ("b1", nn.BatchNorm2d(4)), ("r1", nn.ReLU()),
-        ("p1", nn.MaxPool2d(2)),
-        ("c2", nn.Conv2d(4, 5, 3, stride=2, padding=1, bias=False)), ("b2", nn.BatchNorm2d(5)), ("r2", nn.ReLU()),
-        ("flat", nn.Flatten()),
-        ("f1", nn.Linear(5 * 8 * 8, 7, bias=True)), ("b3", nn.BatchNorm1d(7)), ("r3", nn.ReLU()),
-        ("f2", nn.Linear(7, 10, bias=True)),
-    ])).double()
-    with torch.no_grad():
-        for bn in (model.b1, model.b2, model.b3):
-            bn.weight.uniform_(0.3, 2.0)
-            bn.bias.uniform_(-0.5, 0.5)
-    return model
-
-
-MODELS = [_lenet, _odd_chain]
-
-
-def _manual(model, x, y, mode="exact", approx=EXACT, **kw):
-    chain = compare.forward_chain(model, x)
-    _, grad = compare.loss_gradient(chain, y)
-    return compare.manual_backward(chain, grad, mode, approx, **kw)
-
-
-def _assert_matches(manual, engine, tol=1e-9):
-    assert set(engine.weight_grads) <= set(manual)
-    for path in engine.weight_grads:
-        assert compare.relative_difference(manual[path].weight_grad, engine.weight_grads[path]) < tol, path
-        assert compare.relative_difference(manual[path].input_signal, engine.input_signals[path]) < tol, path
-
-
-@pytest.mark.parametrize("make", MODELS)
-@pytest.mark.parametrize("damping,signal_damping", [(0.0, 0.0), (0.5, 1.0)])
-def test_manual_pass_without_approximations_is_exact_mode(make, damping, signal_damping):
-    model = make()
-    x, y = _batch()
-    engine = compare.engine_pass(model, x, y, "exact", damping=damping, signal_damping=signal_damping)
-    manual = _manual(model, x, y, damping=damping, signal_damping=signal_damping)
-    _assert_matches(manual, engine)
-
-
-@pytest.mark.parametrize("make", MODELS)
-def test_manual_pass_with_every_approximation_is_approx_mode(make):
-    model = make()
-    x, y = _batch()
-    _assert_matches(_manual(model, x, y, approx=ALGORITHM1), compare.engine_pass(model, x, y, "approx"))
-
-
-def test_manual_backprop_is_autograd():
-    model = _odd_chain()
-    x, y = _batch()
-    _assert_matches(_manual(model, x, y, mode="bp"), compare.engine_pass(model, x, y, "bp"), tol=1e-12)
-
-
-def test_approximations_change_only_what_they_claim():
-    model = _lenet()
-    x, y = _batch()
-    exact = _manual(model, x, y)
-    # (a) G ≈ s·I leaves every signal exact; each weight gradient is g_W / s on the exact output signal
-    gram = _manual(model, x, y, approx=Approximations.only("gram"))
-    chain = compare.forward_chain(model, x)
-    factors = dict(zip([c.path for c in chain], compare.chain_factors(chain)))
-    for layer in chain:
-        assert torch.equal(gram[layer.path].input_signal, exact[layer.path].input_signal)
-        if layer.rule.has_weights:
-            rows = layer.rule.input_rows(layer.module, layer.input.detach())
-            sig = layer.rule.signal_rows(layer.module, exact[layer.path].output_signal)
-            expected = sig.T @ rows / factors[layer.path].sharing_factor
-            assert compare.relative_difference(gram[layer.path].weight_grad, expected) < 1e-12
-    # a conv factor on a network's top layers (Linear) does nothing: fc3, fc2, fc1 stay exact
-    conv = _manual(model, x, y, approx=Approximations.only("conv_factor"))
-    for path in ("fc3", "fc2", "fc1"):
-        assert compare.relative_difference(conv[path].weight_grad, exact[path].weight_grad) < 1e-12
-    assert compare.relative_difference(conv["cv1"].weight_grad, exact["cv1"].weight_grad) > 1e-3
-    # the BN switches act at bn4 and below: fc3's gradient is untouched, fc2's (above bn4's input) is not
-    for name in ("bn_variance", "bn_coupling"):
-        bn = _manual(model, x, y, approx=Approximations.only(name))
-        assert compare.relative_difference(bn["fc3"].weight_grad, exact["fc3"].weight_grad) < 1e-12
-        assert compare.relative_difference(bn["fc2"].weight_grad, exact["fc2"].weight_grad) > 1e-3
-
-
-def test_approximation_sets():
-    names = Approximations.names()
-    assert not EXACT.any() and all(getattr(ALGORITHM1, n) for n in names)
-    assert Approximations.only("gram") == Approximations(gram=True)
-    assert sum(map(bool, vars(Approximations.all_but("columns")).values())) == len(names) - 1
-    assert set(compare.DESCRIPTIONS) == set(names)
-
-
-def test_manual_pass_rejects_non_sequential():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(3, 2)
-
-        def forward(self, x):
-            return self.fc(x)
-
-    with pytest.raises(TypeError):
-        compare.forward_chain(Net(), torch.zeros(1, 3))
 
 
 def test_cosine_is_clamped_and_nan_for_zero():
@@ -139,6 +20,28 @@ def test_cosine_is_clamped_and_nan_for_zero():
     assert compare.cosine(v, v) == pytest.approx(1.0) and compare.cosine(v, -v) == pytest.approx(-1.0)
     assert compare.cosine(v, 1e300 * v) <= 1.0
     assert math.isnan(compare.cosine(v, torch.zeros(2)))
+
+
+def test_evaluate_rows_are_the_engine_runs_they_name():
+    """Each ablation column is the engine with those switches; the cross-checks hold on an odd-sized batch."""
+    torch.manual_seed(0)
+    model = bm.models.lenet_bn().double()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, 32, 32, generator=gen, dtype=torch.float64), torch.randint(0, 10, (6,), generator=gen)
+    rows, checks = compare.evaluate(model, x, y, damping=0.1, signal_damping=0.5)
+    assert [r["layer"] for r in rows] == ["cv1", "cv2", "fc1", "fc2", "fc3"]
+    assert all(checks[key] < 1e-9 for key in compare.CHECKS), checks
+    run = lambda **kw: compare.engine_pass(model, x, y, "exact", damping=0.1, signal_damping=0.5, **kw)  # noqa: E731
+    exact = run()
+    only_columns = run(approximations=["columns"])
+    without_gram = run(approximations=bm.Approximations.all_but("gram"))
+    for row in rows:
+        layer = row["layer"]
+        assert row["only_columns_cos"] == pytest.approx(
+            compare.cosine(only_columns.weight_grads[layer], exact.weight_grads[layer]), abs=1e-12)
+        assert row["without_gram_ratio"] == pytest.approx(
+            compare.norm(without_gram.weight_grads[layer]) / compare.norm(exact.weight_grads[layer]), rel=1e-9)
+    assert rows[0]["only_columns_cos"] < 0.999  # (the switch does something at cv1)
 
 
 def _compare_args(out, **kw):

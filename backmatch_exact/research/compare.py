@@ -7,28 +7,15 @@ weight layer the plain backprop gradient ``g_W``, the exact back-matched gradien
 then measures how far apart they are and which of Algorithm 1's approximations
 is responsible.
 
-The library part of this module is a *manual back-matching pass*
-(:func:`forward_chain` + :func:`manual_backward`): it walks an ``nn.Sequential``
-forward, keeping each leaf module's input and output, then walks it backward
-applying the back-matching rules itself, with any subset of Algorithm 1's
-approximations (:class:`Approximations`) switched on:
-
-``gram``         (a) ``G ≈ s·I``: the weight solve ``g_W·G⁺`` becomes ``g_W / s``;
-``columns``      (b) row homogeneity: a weight layer's per-unit denominators
-                 (``‖w_j‖²``, conv ``c(j,p)``) become their mean ``‖Wᵀ‖²_{2,µ}``
-                 (conv: ``‖W_col‖²_{2,µ}``, the interior value, for every location);
-``conv_factor``  Algorithm 1's conv ratio also divides that denominator by
-                 ``c = H_in·W_in / s`` (input locations per pooled output location);
-``bn_variance``  (c) BatchNorm: the ratio ``γ²/σ²`` uses ``Var[a] ≈ ‖W_prev‖²_{2,µ}``;
-``bn_coupling``  BatchNorm: the signal goes through backprop's full Jacobian, batch-
-                 statistics terms included, instead of the per-unit ``γ/σ``.
-
-With none of them on the pass reproduces ``attach(mode="exact")``; with all of
-them on it reproduces ``attach(mode="approx")`` (both are tested). The last two
-are not in the paper's list of approximations but Algorithm 1 makes them too,
-so without them the two modes could not be bridged. Pooling, ReLU and flatten
-always use their exact rule (for LeNet's non-overlapping max pools that is
-backprop, Algorithm 1's ``r = 1``).
+Every measurement is one engine run on that batch (:func:`engine_pass`). The
+ablations are exact back-matching with some of Algorithm 1's approximations
+switched on (``attach(mode="exact", approximations=...)``, see
+``backmatch_exact.approx.Approximations``): each one alone (``only_*``) and all
+but one (``without_*``). Two cross-checks hold the engine against independent
+computations at every checkpoint: the fast exact backend against the plain
+reference backend (im2col rows, ``g_W = Sᵀ A``), and approx mode (which only
+rescales) against exact mode with every approximation switched on (which
+propagates and solves layer by layer); bp mode is held against plain autograd.
 """
 
 from __future__ import annotations
@@ -50,240 +37,16 @@ from tqdm import tqdm
 
 import backmatch_exact as bm
 
-from .. import data, solver
-from ..approx import ApproxFactors, algorithm1
-from ..layers import LayerRule, rule_for
-from ..layers.base import divide_by_column_sq_norms, mean_sq_column_norm, mean_sq_row_norm
-from ..layers.batchnorm import BatchNormRule, batch_std
+from .. import data
+from ..approx import ALGORITHM1, DESCRIPTIONS, Approximations
+from ..layers import rule_for
+from ..layers.base import mean_sq_row_norm
+from ..layers.batchnorm import batch_std
 from .common import MODELS, OPTIMIZERS, build_model, make_optimizer
 from .figures import compare_figures
 
 # --------------------------------------------------------------------------------------------------
-# The manual back-matching pass
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Approximations:
-    """Which of Algorithm 1's approximations a :func:`manual_backward` pass makes (none: exact mode)."""
-
-    gram: bool = False
-    columns: bool = False
-    conv_factor: bool = False
-    bn_variance: bool = False
-    bn_coupling: bool = False
-
-    @classmethod
-    def names(cls) -> list[str]:
-        """The switch names, in a fixed order."""
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def only(cls, name: str) -> "Approximations":
-        """Exact back-matching with the one approximation ``name`` switched on."""
-        return cls(**{name: True})
-
-    @classmethod
-    def all_but(cls, name: str) -> "Approximations":
-        """Algorithm 1 with the one approximation ``name`` switched off (the rest exact there)."""
-        return cls(**{n: n != name for n in cls.names()})
-
-    def any(self) -> bool:
-        return any(dataclasses.astuple(self))
-
-
-EXACT = Approximations()
-ALGORITHM1 = Approximations(**{name: True for name in Approximations.names()})
-
-#: what each switch means, for reports
-DESCRIPTIONS = {
-    "gram": "(a) G ≈ s·I: weight solve g_W·G⁺ replaced by g_W/s",
-    "columns": "(b) row homogeneity: per-unit column norms ‖w_j‖² / c(j,p) replaced by their mean",
-    "conv_factor": "conv denominators further divided by c = H_in·W_in/s (Algorithm 1's conv ratio)",
-    "bn_variance": "(c) BN: Var[a] replaced by ‖W_prev‖²_{2,µ}",
-    "bn_coupling": "BN: signal through backprop's full Jacobian (batch-statistics terms kept)",
-}
-
-
-@dataclasses.dataclass
-class ChainLayer:
-    """One leaf module of a forward pass: its input (a leaf tensor that requires grad) and its output."""
-
-    path: str
-    module: nn.Module
-    rule: LayerRule
-    input: torch.Tensor
-    output: torch.Tensor
-    _rows: torch.Tensor | None = dataclasses.field(default=None, repr=False)
-
-    def input_rows(self) -> torch.Tensor:
-        """The weight layer's input as rows ``A`` (``rule.input_rows``), computed once: every pass reuses it."""
-        if self._rows is None:
-            self._rows = self.rule.input_rows(self.module, self.input.detach())
-        return self._rows
-
-
-@dataclasses.dataclass
-class LayerSignals:
-    """What a backward pass produced at one layer.
-
-    ``input_signal``: the signal the layer sends down (at its input);
-    ``output_signal``: the one it received; ``weight_grad``: for a weight layer,
-    its gradient laid out like ``rule.flat_weight`` (n x d, bias column last), else None.
-    """
-
-    path: str
-    input_signal: torch.Tensor
-    output_signal: torch.Tensor
-    weight_grad: torch.Tensor | None = None
-
-
-def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The leaf modules of a (nested) ``nn.Sequential`` in execution order, with their paths."""
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(f"the manual pass needs an nn.Sequential chain, got {type(model).__name__}")
-    leaves = []
-    for path, module in model.named_modules():
-        if next(module.children(), None) is None:
-            leaves.append((path, module))
-        elif not isinstance(module, nn.Sequential):
-            raise TypeError(f"module {path!r} ({type(module).__name__}) is not an nn.Sequential: its forward "
-                            "may not be the chain of its children")
-    return leaves
-
-
-def forward_chain(model: nn.Module, x: torch.Tensor) -> list[ChainLayer]:
-    """Run an ``nn.Sequential`` one leaf module at a time, each on a detached copy of the previous output.
-
-    Every layer keeps its own small autograd graph (input → output), so a
-    backward pass can be taken one layer at a time with any rule. The model is
-    called exactly as in training (BatchNorm in training mode updates its
-    running statistics: run this on a copy if that matters). The last layer's
-    output is the network's output.
-    """
-    chain = []
-    h = x
-    for path, module in leaf_modules(model):
-        a = h.detach().requires_grad_(True)
-        out = module(a.clone() if getattr(module, "inplace", False) else a)
-        chain.append(ChainLayer(path, module, rule_for(module, path), a, out))
-        h = out
-    return chain
-
-
-def chain_factors(chain: list[ChainLayer]) -> list[ApproxFactors]:
-    """Algorithm 1's (m, s, r) for every layer of the chain, as the engine's approx mode computes them."""
-    return algorithm1([(c.path, c.module, c.rule, tuple(c.input.shape), tuple(c.output.shape)) for c in chain])
-
-
-def _vjp(layer: ChainLayer, grad_output: torch.Tensor) -> torch.Tensor:
-    """Plain backprop through one layer: ``Jᵀ grad_output`` at its input."""
-    (grad,) = torch.autograd.grad(layer.output, layer.input, grad_output, retain_graph=True, allow_unused=True)
-    return torch.zeros_like(layer.input) if grad is None else grad
-
-
-def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.reshape((1, -1) + (1,) * (like.dim() - 2))
-
-
-def _weight_layer_signal(layer: ChainLayer, backprop: torch.Tensor, grad_output: torch.Tensor,
-                         factors: ApproxFactors | None, approx: Approximations, signal_damping: float):
-    """``g'_a`` of a Linear/Conv2d layer: the backprop signal over the (possibly approximated) denominators."""
-    module, a = layer.module, layer.input.detach()
-    if not (approx.columns or approx.conv_factor):
-        return layer.rule.signal(module, a, backprop, grad_output, signal_damping)
-    col_sq = (a.new_tensor(mean_sq_column_norm(module.weight)) if approx.columns
-              else layer.rule.column_sq_norms(module, a))
-    if approx.conv_factor and isinstance(module, nn.Conv2d):
-        col_sq = col_sq * (factors.sharing_factor / (a.shape[-2] * a.shape[-1]))
-    return divide_by_column_sq_norms(backprop, col_sq, signal_damping)
-
-
-def _batchnorm_signal(layer: ChainLayer, backprop: torch.Tensor, grad_output: torch.Tensor,
-                      factors: ApproxFactors | None, approx: Approximations, signal_damping: float):
-    """``g'_a = (Jᵀ g_b) / r`` of a BatchNorm: J diagonal or full, r = γ²/σ² or Algorithm 1's estimate."""
-    module, a = layer.module, layer.input.detach()
-    if not (approx.bn_variance or approx.bn_coupling):
-        return layer.rule.signal(module, a, backprop, grad_output, signal_damping)
-    sigma = batch_std(module, a)
-    gamma = module.weight.detach() if module.weight is not None else torch.ones_like(sigma)
-    transported = backprop if approx.bn_coupling else grad_output * _channel_view(gamma / sigma, a)
-    if approx.bn_variance:
-        return transported / factors.ratio
-    ratio = _channel_view((gamma / sigma) ** 2, a)
-    nonzero = ratio != 0
-    return torch.where(nonzero, transported / torch.where(nonzero, ratio, torch.ones_like(ratio)), 0.0)
-
-
-def _weight_gradient(layer: ChainLayer, grad_output: torch.Tensor, mode: str, factors: ApproxFactors | None,
-                     approx: Approximations, damping: float, relative_damping: bool) -> torch.Tensor:
-    """``g_W`` (bp), ``g_W·(G + λI)⁺`` (exact, the engine's solver) or ``g_W / s`` (gram approximation)."""
-    module, rule, a = layer.module, layer.rule, layer.input.detach()
-    rows = layer.input_rows()
-    signals = rule.signal_rows(module, grad_output)
-    plain = signals.T @ rows
-    if mode == "bp":
-        return plain
-    if approx.gram:
-        return plain / factors.sharing_factor
-    batch = a.shape[0] if a.dim() > 1 else 1
-    solved, _ = solver.min_norm_solve(rows, signals, plain, batch, damping, relative_damping, "auto", layer.path)
-    return solved
-
-
-def manual_backward(chain: list[ChainLayer], grad_logits: torch.Tensor, mode: str = "exact",
-                    approx: Approximations = EXACT, damping: float = 0.0, signal_damping: float = 0.0,
-                    damping_scale: str = "relative") -> dict[str, LayerSignals]:
-    """Walk ``chain`` backward from the loss gradient at the network output, applying back-matching.
-
-    mode: ``"bp"`` (plain backprop, for reference) or ``"exact"`` (back-matching,
-    with the approximations in ``approx`` switched on). ``damping`` (λ, relative
-    to mean diag G unless ``damping_scale="absolute"``) and ``signal_damping`` (μ)
-    mean what they mean for :func:`backmatch_exact.attach`. No weight decay: this
-    compares gradients of the loss. Every layer's signals are computed, the first
-    layer's input signal included.
-
-    Returns ``{path: LayerSignals}`` for every layer of the chain.
-    """
-    if mode not in ("bp", "exact"):
-        raise ValueError(f"mode must be 'bp' or 'exact', got {mode!r}")
-    if damping_scale not in ("relative", "absolute"):
-        raise ValueError(f"damping_scale must be 'relative' or 'absolute', got {damping_scale!r}")
-    factors = chain_factors(chain) if mode == "exact" and approx.any() else [None] * len(chain)
-    results = {}
-    grad = grad_logits.detach()
-    for layer, layer_factors in zip(reversed(chain), reversed(factors)):
-        backprop = _vjp(layer, grad)
-        weight_grad = None
-        rule = layer.rule
-        if rule.has_weights:
-            weight_grad = _weight_gradient(layer, grad, mode, layer_factors, approx, damping,
-                                           damping_scale == "relative")
-        if mode == "bp" or not rule.changes_signal:
-            signal = backprop
-        else:
-            mu = signal_damping if rule.damped else 0.0
-            if rule.has_weights:
-                signal = _weight_layer_signal(layer, backprop, grad, layer_factors, approx, mu)
-            elif isinstance(rule, BatchNormRule):
-                signal = _batchnorm_signal(layer, backprop, grad, layer_factors, approx, mu)
-            else:
-                signal = rule.signal(layer.module, layer.input.detach(), backprop, grad, mu)
-        results[layer.path] = LayerSignals(layer.path, signal, grad, weight_grad)
-        grad = signal
-    return results
-
-
-def loss_gradient(chain: list[ChainLayer], y: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """Mean cross-entropy of the chain's output and its gradient w.r.t. that output."""
-    logits = chain[-1].output.detach().requires_grad_(True)
-    loss = F.cross_entropy(logits, y)
-    (grad,) = torch.autograd.grad(loss, logits)
-    return loss.item(), grad
-
-
-# --------------------------------------------------------------------------------------------------
-# The engine, with the signals at each weight layer's input captured
+# Engine runs
 # --------------------------------------------------------------------------------------------------
 
 
@@ -293,41 +56,42 @@ class EnginePass:
 
     ``weight_grads``: per weight layer the ``p.grad`` it left, flat like ``rule.flat_weight``;
     ``input_signals``: per weight layer the signal at its input, captured with a tensor hook;
+    ``inputs``: every leaf module's input in this forward pass, in execution order ``(path, module, input)``;
     ``stats``: ``engine.stats()`` keyed by layer (empty for plain backprop).
     """
 
     loss: float
     weight_grads: dict[str, torch.Tensor]
     input_signals: dict[str, torch.Tensor]
+    inputs: list[tuple[str, nn.Module, torch.Tensor]]
     stats: dict[str, dict]
 
 
-def _flat_grad(module: nn.Module) -> torch.Tensor:
-    n = module.weight.shape[0]
-    parts = [module.weight.grad.reshape(n, -1)]
-    if getattr(module, "bias", None) is not None:
-        parts.append(module.bias.grad[:, None])
-    return torch.cat(parts, dim=1)
+def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(path, m) for path, m in model.named_modules() if next(m.children(), None) is None]
 
 
-def engine_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str = "bp", **attach_args) -> EnginePass:
-    """Backward of the mean cross-entropy with ``bm.attach(model, mode, **attach_args)`` (``"bp"``: no engine).
+def engine_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str = "plain",
+                **attach_args) -> EnginePass:
+    """Backward of the mean cross-entropy with ``bm.attach(model, mode, **attach_args)`` (``"plain"``: no engine).
 
-    A forward pre-hook on each weight layer (placed before the engine's own)
-    puts a tensor hook on the layer's input, which records the gradient that
-    arrives there: the backprop signal, or the back-matched one. ``x`` is made
-    to require grad so the first layer's input signal is computed too.
+    A forward pre-hook on each leaf module (placed before the engine's own)
+    records its input and, for a weight layer, puts a tensor hook on it that
+    records the signal arriving there: the backprop signal, or the back-matched
+    one. ``x`` is made to require grad so the first layer's input signal is computed too.
     """
-    weight_layers = [(path, m) for path, m in leaf_modules(model) if rule_for(m, path).has_weights]
+    weight_layers = [(path, m) for path, m in _leaves(model) if rule_for(m, path).has_weights]
     signals: dict[str, torch.Tensor] = {}
+    inputs: list = []
 
     def capture(path, module, args):
-        if args[0].requires_grad:
+        inputs.append((path, module, args[0].detach()))
+        if args[0].requires_grad and rule_for(module, path).has_weights:
             args[0].register_hook(lambda g: signals.__setitem__(path, g.detach().clone()))
 
     handles = [m.register_forward_pre_hook(functools.partial(capture, path), prepend=True)
-               for path, m in weight_layers]
-    engine = bm.attach(model, mode=mode, **attach_args) if mode != "bp" else None
+               for path, m in _leaves(model)]
+    engine = bm.attach(model, mode=mode, **attach_args) if mode != "plain" else None
     try:
         model.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x.detach().clone().requires_grad_(True)), y)
@@ -339,7 +103,22 @@ def engine_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str = 
             engine.detach()
         for handle in handles:
             handle.remove()
-    return EnginePass(loss.item(), grads, signals, stats)
+    return EnginePass(loss.item(), grads, signals, inputs, stats)
+
+
+def _flat_grad(module: nn.Module) -> torch.Tensor:
+    n = module.weight.shape[0]
+    parts = [module.weight.grad.reshape(n, -1)]
+    if getattr(module, "bias", None) is not None:
+        parts.append(module.bias.grad[:, None])
+    return torch.cat(parts, dim=1)
+
+
+def ablation_settings() -> dict[str, Approximations]:
+    """The ablation runs of an evaluation: each approximation alone, and Algorithm 1 without each."""
+    settings = {f"only_{name}": Approximations.only(name) for name in Approximations.names()}
+    settings.update({f"without_{name}": Approximations.all_but(name) for name in Approximations.names()})
+    return settings
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,30 +159,26 @@ def denominator_spread(col_sq: torch.Tensor) -> tuple[float, float]:
     return float(col_sq.max()) / mean, float(col_sq.std(unbiased=False)) / mean
 
 
-def gram_diagnostics(layer: ChainLayer, sharing: float) -> tuple[float, float]:
-    """How well ``G ≈ s·I`` holds: (mean diag(G) / s, ‖G - diag G‖_F / ‖diag G‖)."""
-    rows = layer.input_rows().double()
-    gram = rows.T @ rows / layer.input.shape[0]
+def gram_diagnostics(rows: torch.Tensor, batch: int, sharing: float) -> tuple[float, float]:
+    """How well ``G ≈ s·I`` holds for input rows A: (mean diag(G) / s, ‖G - diag G‖_F / ‖diag G‖)."""
+    rows = rows.double()
+    gram = rows.T @ rows / batch
     diag = torch.diagonal(gram)
     off = gram - torch.diag(diag)
     return float(diag.mean()) / sharing, norm(off) / norm(diag)
 
 
-def _batchnorm_after(chain: list[ChainLayer], index: int) -> ChainLayer | None:
-    """The BatchNorm between weight layer ``index`` and the next weight layer, if any."""
-    for layer in chain[index + 1:]:
-        if layer.rule.has_weights:
-            return None
-        if isinstance(layer.rule, BatchNormRule):
-            return layer
-    return None
+def _largest_gap(a: EnginePass, b: EnginePass) -> float:
+    """Largest relative difference between two runs' weight gradients and weight-layer input signals."""
+    return max(max(relative_difference(a.weight_grads[p], b.weight_grads[p]),
+                   relative_difference(a.input_signals[p], b.input_signals[p])) for p in b.weight_grads)
 
 
-def ablation_settings() -> dict[str, Approximations]:
-    """The manual passes an evaluation runs: each approximation alone, and Algorithm 1 without each."""
-    settings = {f"only_{name}": Approximations.only(name) for name in Approximations.names()}
-    settings.update({f"without_{name}": Approximations.all_but(name) for name in Approximations.names()})
-    return settings
+CHECKS = {
+    "reference_vs_exact": "fast exact backend against the reference backend (im2col rows, g_W = Sᵀ A)",
+    "switches_vs_approx": "approx mode against exact mode with every approximation switched on",
+    "bp_mode_vs_autograd": "the engine's bp mode against plain autograd",
+}
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, damping: float = 0.0,
@@ -413,47 +188,36 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, damping: float 
 
     ``model`` should be a private copy (its BatchNorm running statistics move),
     in the dtype the comparison runs in, in training mode. ``damping`` and
-    ``signal_damping`` configure the exact mode. ``float32_model``, if given, is
-    a float32 copy whose exact gradients are compared with ``model``'s to show
-    how much float32 rounding moves them.
+    ``signal_damping`` configure the exact mode (and the ablations). ``float32_model``,
+    if given, is a float32 copy whose exact gradients are compared with ``model``'s
+    to show how much float32 rounding moves them.
 
     Returns ``(rows, checks)``: one dict per weight layer (see the module's CSV
-    columns) and the largest relative differences between the manual pass and
-    the engine (``manual_vs_exact``, ``manual_vs_approx``, ``manual_vs_bp``).
+    columns) and the cross-checks (:data:`CHECKS`: largest relative differences).
     """
     exact_args = dict(damping=damping, signal_damping=signal_damping, damping_scale=damping_scale)
-    passes = {"bp": engine_pass(model, x, y, "bp"), "exact": engine_pass(model, x, y, "exact", **exact_args),
-              "approx": engine_pass(model, x, y, "approx")}
-    chain = forward_chain(model, x)
-    _, grad_logits = loss_gradient(chain, y)
-    factors = chain_factors(chain)
-    manual = {"bp": manual_backward(chain, grad_logits, "bp"),
-              "exact": manual_backward(chain, grad_logits, "exact", EXACT, **exact_args),
-              "approx": manual_backward(chain, grad_logits, "exact", ALGORITHM1)}  # approx mode has no λ, μ
-    ablations = {key: manual_backward(chain, grad_logits, "exact", approx, **exact_args)
-                 for key, approx in ablation_settings().items()}
+    run = functools.partial(engine_pass, model, x, y)
+    passes = {"bp": run("plain"), "exact": run("exact", **exact_args), "approx": run("approx")}
+    ablations = {key: run("exact", approximations=switches, **exact_args)
+                 for key, switches in ablation_settings().items()}
     f32 = engine_pass(float32_model, x.float(), y, "exact", **exact_args) if float32_model is not None else None
-
-    checks = {f"manual_vs_{mode}": 0.0 for mode in passes}
-    rows = []
-    for index, layer in enumerate(chain):
-        if not layer.rule.has_weights:
-            continue
-        for mode in passes:
-            checks[f"manual_vs_{mode}"] = max(
-                checks[f"manual_vs_{mode}"],
-                relative_difference(manual[mode][layer.path].weight_grad, passes[mode].weight_grads[layer.path]),
-                relative_difference(manual[mode][layer.path].input_signal, passes[mode].input_signals[layer.path]))
-        rows.append(_layer_row(chain, index, factors[index], passes, ablations, f32))
-    checks["loss"] = passes["bp"].loss
+    checks = {
+        "reference_vs_exact": _largest_gap(passes["exact"], run("exact", backend="reference", **exact_args)),
+        "switches_vs_approx": _largest_gap(passes["approx"], run("exact", approximations=ALGORITHM1)),
+        "bp_mode_vs_autograd": _largest_gap(passes["bp"], run("bp")),
+        "loss": passes["bp"].loss,
+    }
+    calls = passes["bp"].inputs
+    rows = [_layer_row(calls, index, passes, ablations, f32) for index, (path, module, _) in enumerate(calls)
+            if rule_for(module, path).has_weights]
     return rows, checks
 
 
-def _layer_row(chain: list[ChainLayer], index: int, factors: ApproxFactors, passes: dict[str, EnginePass],
-               ablations: dict[str, dict[str, LayerSignals]], f32: EnginePass | None) -> dict:
-    """The measurements of weight layer ``chain[index]``: one row of ``layers.csv`` (without step and losses)."""
-    layer = chain[index]
-    path, module = layer.path, layer.module
+def _layer_row(calls: list, index: int, passes: dict[str, EnginePass], ablations: dict[str, EnginePass],
+               f32: EnginePass | None) -> dict:
+    """The measurements of the weight layer ``calls[index]``: one row of ``layers.csv`` (without step and losses)."""
+    path, module, a = calls[index]
+    rule = rule_for(module, path)
     g = {mode: result.weight_grads[path] for mode, result in passes.items()}
     signal = {mode: result.input_signals[path] for mode, result in passes.items()}
     approx_stats, exact_stats = passes["approx"].stats[path], passes["exact"].stats[path]
@@ -473,14 +237,14 @@ def _layer_row(chain: list[ChainLayer], index: int, factors: ApproxFactors, pass
         "amplification": exact_stats["amplification"], "condition": exact_stats["condition"],
     }
     row["m_ratio"] = ratio(row["m_approx"], row["m_exact"])
-    row["den_max_mean"], row["den_std_mean"] = denominator_spread(
-        layer.rule.column_sq_norms(module, layer.input.detach()))
-    row["gram_scale"], row["gram_offdiag"] = gram_diagnostics(layer, factors.sharing_factor)
+    row["den_max_mean"], row["den_std_mean"] = denominator_spread(rule.column_sq_norms(module, a))
+    row["gram_scale"], row["gram_offdiag"] = gram_diagnostics(rule.input_rows(module, a), a.shape[0],
+                                                              approx_stats["s"])
     # approximation (c): the BatchNorm after this layer, its batch variance against ‖W‖²_{2,µ}
     row["bn_var_ratio"] = row["bn_var_spread"] = float("nan")
-    bn = _batchnorm_after(chain, index)
+    bn = _batchnorm_after(calls, index)
     if bn is not None:
-        var = batch_std(bn.module, bn.input.detach()).double() ** 2
+        var = batch_std(bn[1], bn[2]).double() ** 2
         row["bn_var_ratio"] = float(var.mean()) / mean_sq_row_norm(module.weight)
         row["bn_var_spread"] = float(var.std(unbiased=False) / var.mean())
     row["f32_cosine"] = row["f32_rel_diff"] = float("nan")
@@ -488,9 +252,20 @@ def _layer_row(chain: list[ChainLayer], index: int, factors: ApproxFactors, pass
         row["f32_cosine"] = cosine(f32.weight_grads[path], g["exact"])
         row["f32_rel_diff"] = relative_difference(f32.weight_grads[path].to(g["exact"].dtype), g["exact"])
     for key, result in ablations.items():
-        row[f"{key}_cos"] = cosine(result[path].weight_grad, g["exact"])
-        row[f"{key}_ratio"] = ratio(norm(result[path].weight_grad), norm(g["exact"]))
+        row[f"{key}_cos"] = cosine(result.weight_grads[path], g["exact"])
+        row[f"{key}_ratio"] = ratio(norm(result.weight_grads[path]), norm(g["exact"]))
     return row
+
+
+def _batchnorm_after(calls: list, index: int):
+    """The BatchNorm call ``(path, module, input)`` between weight layer ``index`` and the next one, if any."""
+    for path, module, a in calls[index + 1:]:
+        rule = rule_for(module, path)
+        if rule.has_weights:
+            return None
+        if rule.normalizes:
+            return path, module, a
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -591,8 +366,10 @@ def findings(rows: list[dict], checks: dict, dtype: str = "float64") -> list[str
         out.append(f"float32 vs {dtype} exact gradients: relative difference at most "
                    f"{worst['f32_rel_diff']:.1e} ({worst['layer']}, step {worst['step']}; condition of G there "
                    f"{worst['condition']:.3g}), median {np.median(f32):.1e}.")
-    out.append(f"Manual pass vs engine, largest relative difference: exact {checks['manual_vs_exact']:.1e}, "
-               f"approx {checks['manual_vs_approx']:.1e}, backprop {checks['manual_vs_bp']:.1e}.")
+    out.append("Cross-checks, largest relative difference over layers and checkpoints: fast exact backend vs "
+               f"reference backend {checks['reference_vs_exact']:.1e}, approx mode vs exact with every "
+               f"approximation switched on {checks['switches_vs_approx']:.1e}, bp mode vs autograd "
+               f"{checks['bp_mode_vs_autograd']:.1e}.")
     return out
 
 
@@ -724,7 +501,7 @@ def run(args: argparse.Namespace) -> dict:
     if engine is not None:
         engine.detach()
 
-    checks = {key: max(c[key] for c in all_checks) for key in ("manual_vs_bp", "manual_vs_exact", "manual_vs_approx")}
+    checks = {key: max(c[key] for c in all_checks) for key in CHECKS}
     text = findings(rows, checks, args.eval_dtype)
     _write_csv(out / "layers.csv", rows)
     costs, spread = ablation_costs(rows), gradient_spread(rows)
