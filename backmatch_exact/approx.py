@@ -82,7 +82,6 @@ class Approximations:
         return self.gram or self.conv_factor or self.bn_variance
 
 
-EXACT = Approximations()
 ALGORITHM1 = Approximations(**{name: True for name in Approximations.names()})
 
 #: what each switch means, for reports
@@ -112,20 +111,13 @@ def may_scale(rule: LayerRule) -> bool:
     return type(rule).approx_ratio is not LayerRule.approx_ratio
 
 
-def algorithm1(layers: list[tuple[str, nn.Module, LayerRule, tuple, tuple]]) -> list[ApproxFactors]:
-    """Factors for each layer of one forward pass.
-
-    ``layers``: (path, module, rule, input_shape, output_shape) in execution order.
-    """
-    return ApproxPlan(layers).factors()
-
-
 class ApproxPlan:
     """Algorithm 1 for one chain of layers and shapes: the shape-only part done once.
 
     The engine keeps one plan per chain it has seen and calls :meth:`factors`
     every step, which measures all the weights it needs in one batch and walks
-    the layers down. ``layers`` as for :func:`algorithm1`.
+    the layers down. ``layers``: (path, module, rule, input_shape, output_shape) of one
+    forward pass, in execution order.
     """
 
     def __init__(self, layers: list[tuple[str, nn.Module, LayerRule, tuple, tuple]]):

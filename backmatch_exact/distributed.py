@@ -81,7 +81,6 @@ reads or writes the engine:
 
 from __future__ import annotations
 
-import functools
 import time
 import zlib
 

@@ -227,7 +227,9 @@ class Engine:
 
     # --------------------------------------------------------------- forward
     def _model_begin(self, model, args):
-        self._forward_active = torch.is_grad_enabled()
+        if not torch.is_grad_enabled():  # evaluation: nothing to record, and a pending step's calls stay as they are
+            return None
+        self._forward_active = True
         self._forwards += 1
         self._calls = []
         self._last_output = args[0] if len(args) == 1 and isinstance(args[0], torch.Tensor) else None
@@ -353,7 +355,7 @@ class Engine:
         """g'_W for one weight layer, by ``weights.solve`` on this call's row source.
 
         The fast backend takes autograd's own ``g_W`` where the rule can read it off the
-        node that made the layer's output (Conv2d): the solve then runs in a hook on that
+        node that made the layer's output (a convolution's): the solve then runs in a hook on that
         node, before the parameters' hooks, and the node's gradient doubles as the
         outside-use check (``_param_grad``). Otherwise ``g_W = Sᵀ A`` from the row source.
         """
@@ -420,7 +422,7 @@ class Engine:
         self._stats[path] = row
 
     def _solve_parameters(self, call: _Call, grad: torch.Tensor) -> None:
-        """The closed-form back-matched gradients of a layer's own parameters (BatchNorm's γ, β)."""
+        """The closed-form back-matched gradients of a layer's own parameters (a normalization's γ, β)."""
         layer = call.layer
         gram = self.distributed.parameter_gram(layer.path) if self.distributed is not None else None
         wd = self.settings.weight_decay
@@ -477,7 +479,7 @@ class Engine:
         if grad is ours:  # autograd's gradient of this very call (taken off its node), nothing added outside
             return solved
         gap = torch.linalg.vector_norm(grad - ours)
-        # measured against the whole layer's gradient: a bias right before a BatchNorm has a gradient that is
+        # measured against the whole layer's gradient: a bias right before a normalization has a gradient that is
         # rounding noise in both computations, which must not read as a 100% difference
         layer_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in
                                                            call.plain_grads.values()]))

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from backmatch_exact import data
+from backmatch_exact.data import shipped
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct
@@ -183,7 +184,7 @@ def test_default_normalized_and_padded(default_ds):
 
 
 def test_default_matches_shipped_npz(default_ds):
-    path = data._default_npz_path()
+    path = shipped._default_npz_path()
     with np.load(path) as z:
         x = z["x_train"][:50]
         y = z["y_train"]

@@ -9,7 +9,9 @@ the reference path's numbers to rounding.
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -307,13 +309,30 @@ def test_approx_nan_input_is_named_at_the_first_layer():
             F.cross_entropy(model(x), y).backward()
 
 
-def test_approx_releases_inputs_after_backward():
+def _watch_inputs(model):
+    """Weak references to every leaf module's input of the next forward passes (registered after attach)."""
+    refs = []
+    handles = [m.register_forward_pre_hook(lambda mod, args: refs.append(weakref.ref(args[0])))
+               for m in model.modules() if next(m.children(), None) is None]
+    return refs, handles
+
+
+@pytest.mark.parametrize("mode", [None, "bp", "approx"])
+def test_bp_and_approx_release_layer_inputs_as_backprop_does(mode):
+    """After backward no layer input is alive but the model's own: plain backprop (None) is the control."""
     torch.manual_seed(0)
     model = bm.models.lenet_bn().to(DT)
     x, y = _data(4)
-    with bm.attach(model, mode="approx") as engine:
-        F.cross_entropy(model(x), y).backward()
-        assert all(call.input is None for call in engine._calls)
+    engine = bm.attach(model, mode=mode) if mode else None
+    refs, handles = _watch_inputs(model)
+    F.cross_entropy(model(x), y).backward()
+    gc.collect()
+    alive = [ref() for ref in refs[1:] if ref() is not None]
+    for h in handles:
+        h.remove()
+    if engine:
+        engine.detach()
+    assert len(refs) == 16 and alive == []
 
 
 # ------------------------------------------------------------------ timing and bench

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 from backmatch_exact.research import common, train
 
@@ -138,7 +139,11 @@ def test_lr_schedule_and_optimizers():
         if engine is not None:
             assert engine.weight_decay == 1e-4
             engine.detach()
-    assert sum(p.numel() for p in common.build_model("vgg11", 3, 100).parameters()) > 9e6
+    vgg = common.build_model("vgg11", 3, 100)
+    convs = [m for m in vgg.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 128, 256, 256, 512, 512, 512, 512]
+    assert all(c.kernel_size == (3, 3) and c.bias is None for c in convs) and vgg.classifier.out_features == 100
+    assert sum(p.numel() for p in vgg.parameters()) == 9_268_928  # no affine BN: 3x3 convs and one Linear(512, 100)
 
 
 # ------------------------------------------------------------------ under torchrun

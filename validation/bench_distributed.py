@@ -120,7 +120,7 @@ def main() -> None:
     per_layer_g_and_grad = sum(s["d"] ** 2 + s["outputs"] * s["d"] for s in layers) * elem
     grams_only = sum(s["d"] * (s["d"] + 1) // 2 for s in layers) * elem
     ddp = ranks[0]["params"] * elem
-    print(f"\nfor comparison (payload per rank per step):")
+    print("\nfor comparison (payload per rank per step):")
     print(f"  per-layer all-reduce of full G and g_W  {_mb(per_layer_g_and_grad)}")
     print(f"  every layer's Gram triangle, no rows    {_mb(grams_only)}")
     print(f"  DDP's own gradient all-reduce           {_mb(ddp)}")

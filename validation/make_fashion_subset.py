@@ -40,7 +40,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from backmatch_exact.data import _read_idx_folder_arrays  # noqa: E402
+from backmatch_exact.data.formats import _read_idx_folder_arrays  # noqa: E402
 
 DEFAULT_OUT = REPO / "backmatch_exact" / "datasets" / "fashion_mnist_subset.npz"
 

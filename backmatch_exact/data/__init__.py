@@ -72,7 +72,7 @@ from .formats import (
     _read_idx_folder_arrays,
     read_idx,
 )
-from .shipped import FASHION_MNIST_CLASSES, _default_npz_path, load_default
+from .shipped import load_default
 
 __all__ = [
     "Dataset",

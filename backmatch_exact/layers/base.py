@@ -16,12 +16,16 @@ rule and only say how to compute ``‖J_{:,j}‖²`` (``column_sq_norms``).
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..solver import safe_divide
 from ..weights import ExplicitRows, RowSource
+
+if TYPE_CHECKING:  # (approx.py imports this module)
+    from ..approx import ApproxFactors, Approximations
 
 
 def divide_by_column_sq_norms(signal: torch.Tensor, col_sq: torch.Tensor, signal_damping: float) -> torch.Tensor:

@@ -12,7 +12,6 @@ AvgPool2d / AdaptiveAvgPool2d — b_k = Σ_{j∈k} a_j / |K_k|:
 Both are ``g_a / ‖J_{:,j}‖²``; only the column norms differ.
 """
 
-import functools
 import math
 
 import torch
