@@ -141,7 +141,8 @@ class Engine:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.approximations = Approximations.of(approximations)
-        if self.approximations.any() and mode != "exact":
+        self._switched = self.approximations.any()
+        if self._switched and mode != "exact":
             raise ValueError(f"approximations are switches of mode='exact' (mode='approx' makes all of them), "
                              f"not of mode={mode!r}")
         # torch.distributed (distributed.py): a DDP model is unwrapped to its .module; None when nothing is exchanged
@@ -441,7 +442,7 @@ class Engine:
             return grad if ratio == 1.0 else grad / ratio  # g'_a ≈ g_a / r
         rule, module, a = layer.rule, layer.module, call.input.detach()
         with self.timing.part(layer.path, "input_signal"):
-            if self.approximations.any():
+            if self._switched:
                 result = rule.approx_signal(module, a, grad, call.grad_output, self.signal_damping,
                                             self.approximations, call.approx)
             else:
