@@ -72,20 +72,22 @@ def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def engine_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str = "plain",
-                **attach_args) -> EnginePass:
+                record_inputs: bool = False, **attach_args) -> EnginePass:
     """Backward of the mean cross-entropy with ``bm.attach(model, mode, **attach_args)`` (``"plain"``: no engine).
 
     A forward pre-hook on each leaf module (placed before the engine's own)
-    records its input and, for a weight layer, puts a tensor hook on it that
-    records the signal arriving there: the backprop signal, or the back-matched
-    one. ``x`` is made to require grad so the first layer's input signal is computed too.
+    puts a tensor hook on a weight layer's input that records the signal
+    arriving there: the backprop signal, or the back-matched one, and with
+    ``record_inputs`` keeps every module's input. ``x`` is made to require grad
+    so the first layer's input signal is computed too.
     """
     weight_layers = [(path, m) for path, m in _leaves(model) if rule_for(m, path).has_weights]
     signals: dict[str, torch.Tensor] = {}
     inputs: list = []
 
     def capture(path, module, args):
-        inputs.append((path, module, args[0].detach()))
+        if record_inputs:
+            inputs.append((path, module, args[0].detach()))
         if args[0].requires_grad and rule_for(module, path).has_weights:
             args[0].register_hook(lambda g: signals.__setitem__(path, g.detach().clone()))
 
@@ -197,7 +199,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, damping: float 
     """
     exact_args = dict(damping=damping, signal_damping=signal_damping, damping_scale=damping_scale)
     run = functools.partial(engine_pass, model, x, y)
-    passes = {"bp": run("plain"), "exact": run("exact", **exact_args), "approx": run("approx")}
+    passes = {"bp": run("plain", record_inputs=True), "exact": run("exact", **exact_args), "approx": run("approx")}
     ablations = {key: run("exact", approximations=switches, **exact_args)
                  for key, switches in ablation_settings().items()}
     f32 = engine_pass(float32_model, x.float(), y, "exact", **exact_args) if float32_model is not None else None
