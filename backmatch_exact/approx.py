@@ -111,36 +111,59 @@ def may_scale(rule: LayerRule) -> bool:
     return type(rule).approx_ratio is not LayerRule.approx_ratio
 
 
-class ApproxPlan:
-    """Algorithm 1 for one chain of layers and shapes: the shape-only part done once.
+@dataclasses.dataclass(frozen=True)
+class PlanOp:
+    """What Algorithm 1 needs of one op of a forward pass (hashable: a plan is cached per graph and shapes).
 
-    The engine keeps one plan per chain it has seen and calls :meth:`factors`
-    every step, which measures all the weights it needs in one batch and walks
-    the layers down. ``layers``: (path, module, rule, input_shape, output_shape) of one
-    forward pass, in execution order.
+    ``inputs``, ``output``: numbers of the values the op reads and makes (None: none);
+    ``denominators``: per input, a constant denominator (a functional op's) or None (the rule's ratio).
     """
 
-    def __init__(self, layers: list[tuple[str, nn.Module, LayerRule, tuple, tuple]]):
-        weight_positions = [i for i, (_, _, rule, _, _) in enumerate(layers) if rule.has_weights]
-        _require_batchnorm_after_hidden_weights(layers, weight_positions)
-        self.layers = layers
+    path: str
+    module: nn.Module | None
+    rule: LayerRule
+    input_shape: tuple
+    output_shape: tuple
+    inputs: tuple
+    output: int | None
+    denominators: tuple
+
+
+class ApproxPlan:
+    """Algorithm 1 for one graph of ops and shapes: the shape-only part done once.
+
+    The engine keeps one plan per graph it has seen and calls :meth:`factors`
+    every step, which measures all the weights it needs in one batch and walks
+    the ops from the output down. On a chain this is the paper's walk; at a
+    tensor that feeds several ops (SPEC §8) the consumers' ratios add up like
+    exact back-matching's denominators, and ``m`` there is their sum times the mean
+    of the consumers' own ``m`` (exact when those agree; see README).
+    """
+
+    def __init__(self, ops: list[PlanOp]):
+        self.ops = ops
+        self.uses: dict[int, list[tuple[int, int]]] = {}  # value -> [(op index, input position)]
+        self.producer: dict[int, int] = {}  # value -> op index
+        for i, op in enumerate(ops):
+            for position, value in enumerate(op.inputs):
+                self.uses.setdefault(value, []).append((i, position))
+            if op.output is not None:
+                self.producer[op.output] = i
+        self._require_batchnorm_after_hidden_weights()
         self.sq_norms: dict = {}  # shared by every place; refilled by each factors() call
-        self.places = []
-        producer = None
-        for i, (path, module, rule, in_shape, out_shape) in enumerate(layers):
-            sharing = _sharing_factor(layers, i) if rule.has_weights else 1.0
-            self.places.append(ApproxPlace(in_shape, sharing, producer, self.sq_norms))
-            if rule.has_weights:
-                producer = module
-        self.location = [rule.location_factor(module, place)
-                         for (_, module, rule, _, _), place in zip(layers, self.places)]  # c, shape-only
-        self.scaling = [i for i, (_, _, rule, _, _) in enumerate(layers) if may_scale(rule)]  # other ratios: 1
+        self.places = [ApproxPlace(op.input_shape, self._sharing_factor(i) if op.rule.has_weights else 1.0,
+                                   self._weight_producer(op) if op.rule.normalizes else None, self.sq_norms)
+                       for i, op in enumerate(ops)]
+        self.location = [op.rule.location_factor(op.module, place)
+                         for op, place in zip(ops, self.places)]  # c, shape-only
+        self.scaling = [i for i, op in enumerate(ops) if may_scale(op.rule)]  # other ratios: 1
         # whose weight (a Linear/Conv2d W, a BatchNorm γ) a ratio may read
-        self.weighted = [module for _, module, rule, _, _ in layers if rule.has_weights or rule.needs_output_signal]
+        self.weighted = [op.module for op in ops if op.rule.has_weights or op.rule.needs_output_signal]
 
     def _measure_weights(self) -> None:
         """``‖W‖²`` of every weight and BatchNorm γ, in one batch (one host sync instead of one per tensor)."""
-        tensors = [module.weight for module in self.weighted if getattr(module, "weight", None) is not None]
+        tensors = list({id(t): t for t in (getattr(m, "weight", None) for m in self.weighted) if t is not None}
+                       .values())
         self.sq_norms.clear()
         if not tensors:
             return
@@ -153,41 +176,88 @@ class ApproxPlan:
         self.sq_norms.update((t, v * v) for t, v in zip(tensors, values))
 
     def factors(self) -> list[ApproxFactors]:
-        """(m, s, r) of every layer, from the weights as they are now."""
+        """(m, s, r, c) of every op, from the weights as they are now."""
         self._measure_weights()
-        ratios = [1.0] * len(self.layers)
+        ops = self.ops
+        ratios = [1.0] * len(ops)
         for i in self.scaling:
-            path, module, rule, _, _ = self.layers[i]
             try:
-                ratios[i] = rule.approx_ratio(module, self.places[i])
+                ratios[i] = ops[i].rule.approx_ratio(ops[i].module, self.places[i])
             except UnsupportedModuleError as err:
-                raise UnsupportedModuleError(f"layer {path!r}: {err}") from None
-        factors: list[ApproxFactors] = [None] * len(self.layers)
-        m = 1.0  # the loss gradient w.r.t. the network output is the initial signal
-        for i in reversed(range(len(self.layers))):
-            place = self.places[i]
-            factors[i] = ApproxFactors(m, place.sharing, ratios[i], self.location[i])
-            m *= ratios[i]
+                raise UnsupportedModuleError(f"layer {ops[i].path!r}: {err}") from None
+        factors: list[ApproxFactors] = [None] * len(ops)
+        for i in reversed(range(len(ops))):  # every op's consumers come after it: their factors are known
+            op = ops[i]
+            factors[i] = ApproxFactors(self._backward_factor(op.output, ratios, factors), self.places[i].sharing,
+                                       ratios[i], self.location[i])
         return factors
 
+    def _backward_factor(self, value: int | None, ratios: list[float], factors: list[ApproxFactors]) -> float:
+        """m at a value: 1 at the network output; the sum of its consumers' ratios times the mean of their m."""
+        uses = self.uses.get(value)
+        if not uses:
+            return 1.0  # the loss gradient w.r.t. the network output is the initial signal
+        ops = self.ops
+        total = sum(ops[j].denominators[k] if ops[j].denominators[k] is not None else ratios[j] for j, k in uses)
+        return total * sum(factors[j].backward_factor for j, _ in uses) / len(uses)
 
-def _sharing_factor(layers, i: int) -> float:
-    """s: spatial size of the last 4-D output from layer i up to (not including) the next weight layer."""
-    if layers[i][4].__len__() != 4:
-        return 1.0
-    height, width = layers[i][4][-2:]
-    for _, _, rule, _, out_shape in layers[i + 1:]:
-        if rule.has_weights:
-            break
-        if len(out_shape) == 4:
-            height, width = out_shape[-2:]
-    return float(height * width)
+    def _sharing_factor(self, i: int) -> float:
+        """s: spatial size of the last 4-D output from op i up to (not including) the next weight layer.
 
+        Along every path from the op's output; where paths that pool differently meet a weight
+        layer (or the network output), the largest — the one that shares least.
+        """
+        if len(self.ops[i].output_shape) != 4:
+            return 1.0
+        sizes = set()
+        stack = [(self.ops[i].output, self.ops[i].output_shape[-2] * self.ops[i].output_shape[-1])]
+        seen = set()
+        while stack:
+            value, size = stack.pop()
+            if (value, size) in seen:
+                continue
+            seen.add((value, size))
+            uses = self.uses.get(value, [])
+            if not uses:
+                sizes.add(size)
+            for j, _ in uses:
+                op = self.ops[j]
+                if op.rule.has_weights:
+                    sizes.add(size)
+                elif op.output is not None:
+                    shape = op.output_shape
+                    stack.append((op.output, shape[-2] * shape[-1] if len(shape) == 4 else size))
+        return float(max(sizes))
 
-def _require_batchnorm_after_hidden_weights(layers, weight_positions: list[int]) -> None:
-    for here, nxt in zip(weight_positions, weight_positions[1:]):
-        if not any(rule.normalizes for _, _, rule, _, _ in layers[here + 1:nxt]):
-            raise UnsupportedModuleError(
-                f"layer {layers[here][0]!r}: approx mode (Algorithm 1) needs a BatchNorm between every hidden "
-                f"weight layer and the next one ({layers[nxt][0]!r}); use mode='exact' for this network"
-            )
+    def _weight_producer(self, op: PlanOp) -> nn.Module | None:
+        """The weight layer whose output a normalization normalizes, through single-input ops; None if none."""
+        value = op.inputs[0] if op.inputs else None
+        while value is not None and value in self.producer:
+            producer = self.ops[self.producer[value]]
+            if producer.rule.has_weights:
+                return producer.module
+            if len(producer.inputs) != 1:
+                return None
+            value = producer.inputs[0]
+        return None
+
+    def _require_batchnorm_after_hidden_weights(self) -> None:
+        """Every path from a weight layer to the next one passes a normalization (Algorithm 1's eq. 36)."""
+        for i, op in enumerate(self.ops):
+            if not op.rule.has_weights or op.output is None:
+                continue
+            stack, seen = [op.output], set()
+            while stack:
+                value = stack.pop()
+                if value in seen:
+                    continue
+                seen.add(value)
+                for j, _ in self.uses.get(value, []):
+                    consumer = self.ops[j]
+                    if consumer.rule.has_weights:
+                        raise UnsupportedModuleError(
+                            f"layer {op.path!r}: approx mode (Algorithm 1) needs a BatchNorm between every hidden "
+                            f"weight layer and the next one ({consumer.path!r}); use mode='exact' for this network"
+                        )
+                    if not consumer.rule.normalizes and consumer.output is not None:
+                        stack.append(consumer.output)

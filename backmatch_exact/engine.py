@@ -2,25 +2,29 @@
 
 The engine knows no layer's mathematics (that lives in ``layers/``, one file
 per layer type, behind the ``LayerRule`` interface) and no weight solve (that is
-``weights.solve``). It does three things around every supported leaf module:
+``weights.solve``). During each forward pass it records the graph of ops and
+values (``graph.py``: module calls, and the functional glue between them that a
+:class:`~backmatch_exact.graph.Capture` mode sees) and hooks three things:
 
-* a *signal tap* on the module's input, an identity in the forward pass whose
-  backward hands the layer rule the backprop signal ``Jᵀ g'_b`` and passes the
-  back-matched ``g'_a`` further down;
-* an *output tap* on the module's output, whose backward sees the signal the
-  layer receives from above and, for a weight layer, solves for ``g'_W``;
-* a hook on each parameter that puts that ``g'_W`` into ``.grad`` in place of
-  autograd's ``g_W``.
+* every value (a tensor that requires grad and that an op made or the model
+  received) gets a tensor hook: in backward it sees the sum of its consumers'
+  backprop signals ``Σ_c J_cᵀ g'_c`` and sends down the back-matched signal, that
+  sum over ``Σ_c ‖J_c[:,j]‖²`` (SPEC §8; one consumer: the paper's rules);
+* a weight or BatchNorm layer's output node gets a pre-hook that sees the signal
+  the layer receives and solves for its parameters' ``g'``;
+* every parameter gets a hook that puts that ``g'`` into ``.grad`` in place of
+  autograd's gradient.
 
-It also checks that the forward pass is a chain of supported modules: each
-module must consume the previous module's output (or a view of it). Anything
-else — a functional call between two modules, a residual branch, a module used
-twice — is a ``GraphError``, because back-matching has no rule for it.
+A layer whose rule replaces the numerator too (BatchNorm drops its batch-
+statistics coupling) gets an identity autograd Function on its input whose
+backward hands in the replaced numerator. Work the engine has no rule for — an
+unsupported functional op, a module with weights called twice — is a
+``GraphError`` where it happens.
 
-Under ``torch.distributed`` the engine hands its ``distributed.Comm`` the module
-calls at the end of each forward pass and asks it, per weight layer, for the
-row source of the solve (the ranks' averaged Gram or gathered rows); see the
-interface at the top of ``distributed.py``.
+Under ``torch.distributed`` the engine hands its ``distributed.Comm`` the ops at
+the end of each forward pass and asks it, per weight layer, for the row source
+of the solve (the ranks' averaged Gram or gathered rows); see the interface at
+the top of ``distributed.py``.
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ import torch
 from torch import nn
 
 from . import distributed, weights
-from .approx import ApproxFactors, ApproxPlan, Approximations, may_scale
+from .approx import ApproxPlan, Approximations, PlanOp
 from .errors import BackMatchError, GraphError, NonFiniteError, UnsupportedModuleError
-from .layers import LayerRule, rule_for
+from .graph import Capture, Op, Use, Value, call_site, tensors_requiring_grad
+from .layers import LayerRule, glue, rule_for
 from .layers.base import signal_amplification
+from .solver import safe_divide
 from .timing import Timing
 
 MODES = ("bp", "exact", "exact_weights", "approx")
@@ -48,61 +54,25 @@ class _Layer:
     path: str
     module: nn.Module
     rule: LayerRule
-    call: "_Call | None" = None  # the module's call in the current forward pass
-    forward: int = -1  # the engine's forward-pass count when it last ran (a second run in one pass is an error)
-    input_tap: bool = False  # the mode needs a _SignalTap on its input (set by Engine._install)
-    output_tap: bool = False  # ... an _OutputTap on its output
-    check_input: bool = False  # ... a finiteness check of its input in the forward pass
+    op: Op | None = None  # the module's (last) call in the current forward pass
+    forward: int = -1  # the engine's forward-pass count when it last ran (a weight layer may run once per pass)
+    has_parameters: bool = False
+    output_hook: bool = False  # the mode solves at its output (set by Engine._install)
+    check_input: bool = False  # ... checks its input for NaN in the forward pass
 
 
-@dataclasses.dataclass(slots=True)
-class _Call:
-    """One module call in one forward pass: what the backward rules need."""
-
-    layer: _Layer
-    input: torch.Tensor
-    output_shape: tuple = ()
-    grad_output: torch.Tensor | None = None
-    plain_grads: dict = dataclasses.field(default_factory=dict)  # autograd's g_W, to cross-check
-    approx: ApproxFactors | None = None  # Algorithm 1's factors, set when the forward pass ends
-    node: object = None  # autograd node that made the module's output (exact modes): its weight gradient
-    node_token: object = None  # the current hook on that node (a retained graph's older ones are stale)
-
-
-class _Tap(torch.autograd.Function):
-    """Identity forward that remembers the engine and the module call for its backward."""
+class _NumeratorTap(torch.autograd.Function):
+    """Identity forward at a layer's input; backward replaces autograd's ``Jᵀ g_b`` by the rule's numerator."""
 
     @staticmethod
-    def forward(ctx, x, engine, call):
-        ctx.engine, ctx.call = engine, call
+    def forward(ctx, x, engine, op):
+        ctx.engine, ctx.op = engine, op
         return x.view_as(x)
 
-
-class _SignalTap(_Tap):
-    """Backward replaces the backprop signal at a module input by the back-matched one."""
-
     @staticmethod
     def backward(ctx, grad):
-        return ctx.engine._input_signal(ctx.call, grad), None, None
-
-
-class _OutputTap(_Tap):
-    """Backward shows the engine the signal arriving at a module output."""
-
-    @staticmethod
-    def backward(ctx, grad):
-        # the module's own backward node, read here and dropped after use: a reference to it kept from the
-        # forward pass would tie the call to the graph in a cycle Python's collector cannot see
-        ctx.call.node = ctx.next_functions[0][0]
-        try:
-            ctx.engine._output_signal(ctx.call, grad)
-        finally:
-            ctx.call.node = None
-        return grad, None, None
-
-
-def _root(t: torch.Tensor) -> torch.Tensor:
-    return t._base if t._base is not None else t
+        op = ctx.op
+        return op.rule.numerator(op.module, op.input, grad, op.grad_output, ctx.engine.approximations), None, None
 
 
 class _Deferred:
@@ -140,9 +110,8 @@ class Engine:
             raise ValueError(f"solve_method must be 'auto', 'primal' or 'dual', got {solve_method!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.approximations = Approximations.of(approximations)
-        self._switched = self.approximations.any()
-        if self._switched and mode != "exact":
+        switches = Approximations.of(approximations)
+        if switches.any() and mode != "exact":
             raise ValueError(f"approximations are switches of mode='exact' (mode='approx' makes all of them), "
                              f"not of mode={mode!r}")
         # torch.distributed (distributed.py): a DDP model is unwrapped to its .module; None when nothing is exchanged
@@ -150,6 +119,11 @@ class Engine:
         self.model = model
         self.mode = mode
         self.backend = backend
+        # approx mode is exact back-matching with every approximation made, and weight gradients scaled instead
+        # of solved: its signals come from the same switches
+        self.approximations = Approximations.of("all") if mode == "approx" else switches
+        self._needs_factors = mode == "approx" or switches.needs_factors()
+        self._matched_signals = mode in ("exact", "approx")  # the signals sent down are back-matched
         self.settings = weights.Settings(float(damping), damping_scale == "relative", float(weight_decay),
                                          solve_method)
         self.signal_damping = float(signal_damping)
@@ -158,12 +132,13 @@ class Engine:
         self._stats: dict[str, dict] = {}
         self._pending: dict[torch.Tensor, torch.Tensor] = {}
         self._handles: list = []
-        self._forward_active = False
+        self._capture = Capture(self._functional)
+        self._capturing = False  # a forward pass with gradients is running
         self._forwards = 0  # forward passes with gradients so far
-        self._last_output: torch.Tensor | None = None
-        self._calls: list[_Call] = []  # this forward pass's module calls, in execution order
-        self._approx_plans: dict[tuple, ApproxPlan] = {}  # Algorithm 1 per chain and shapes
-        self._approx_step = None  # approx mode: (plan, calls) of the last forward pass, for stats()
+        self._ops: list[Op] = []  # this forward pass's ops, in execution order
+        self._values: dict[int, tuple[torch.Tensor, Value]] = {}  # during a forward pass: id(tensor) -> its value
+        self._approx_plans: dict[tuple, ApproxPlan] = {}  # Algorithm 1 per graph and shapes
+        self._approx_step = None  # approx mode: the ops of the last forward pass, for stats()
         self._install()
         if self.distributed is not None:
             self.distributed.attach([(layer.path, type(layer.module).__name__) for layer in self.layers],
@@ -189,7 +164,8 @@ class Engine:
                         "submodules: its forward is unknown to back-matching"
                     )
                 continue
-            layers.append(_Layer(path, module, rule_for(module, path)))
+            has_parameters = next(module.parameters(recurse=False), None) is not None
+            layers.append(_Layer(path, module, rule_for(module, path), has_parameters=has_parameters))
         if not layers:
             raise UnsupportedModuleError("the model has no modules to attach to")
         return layers
@@ -198,13 +174,11 @@ class Engine:
         exact = self.mode in ("exact", "exact_weights")
         for layer in self.layers:
             rule = layer.rule
-            layer.input_tap = rule.changes_signal and (
-                self.mode == "exact" or self.mode == "approx" and may_scale(rule))
-            layer.output_tap = exact and (rule.has_weights or rule.needs_output_signal)
+            layer.output_hook = exact and (rule.has_weights or rule.needs_output_signal)
             layer.check_input = self.mode != "approx" and (rule.has_weights or rule.needs_output_signal)
         hooks = self._handles
         hooks.append(self.model.register_forward_pre_hook(self._model_begin))
-        hooks.append(self.model.register_forward_hook(self._model_end))
+        hooks.append(self.model.register_forward_hook(self._model_end, always_call=True))
         for layer in self.layers:
             hooks.append(layer.module.register_forward_pre_hook(functools.partial(self._before, layer)))
             hooks.append(layer.module.register_forward_hook(functools.partial(self._after, layer)))
@@ -228,163 +202,266 @@ class Engine:
 
     # --------------------------------------------------------------- forward
     def _model_begin(self, model, args):
-        if not torch.is_grad_enabled():  # evaluation: nothing to record, and a pending step's calls stay as they are
+        if not torch.is_grad_enabled():  # evaluation: nothing to record, and a pending step's ops stay as they are
             return None
-        self._forward_active = True
         self._forwards += 1
-        self._calls = []
-        self._last_output = args[0] if len(args) == 1 and isinstance(args[0], torch.Tensor) else None
+        self._ops, self._values = [], {}
+        for x in tensors_requiring_grad(args, {}):
+            self._produce(x, None)
+        self._capture.inside = 0
+        self._capture.__enter__()
+        self._capturing = True
+        return None
 
     def _model_end(self, model, args, output):
-        if not self._forward_active:
+        if not self._capturing:
             return None
-        self._forward_active = False
-        last = self._last_output
-        if isinstance(output, torch.Tensor) and output.requires_grad and (
-                last is None or _root(output) is not _root(last)):
-            raise GraphError(
-                f"the model's output is not the output of its last module ({self._last_path()}): "
-                "an operation after it is outside back-matching; move it into the loss"
-            )
-        if self.mode == "approx" or self.approximations.needs_factors():
+        self._capturing = False
+        self._capture.__exit__(None, None, None)
+        values, self._values = self._values, {}  # (the produced tensors are not kept past the forward pass)
+        if output is None:  # the forward pass raised (this hook always runs)
+            return None
+        if isinstance(output, torch.Tensor) and output.requires_grad and values.get(id(output), (None,))[0] \
+                is not output:
+            raise GraphError("the model's output was not made by a supported module or op in its forward pass")
+        if self._needs_factors:
             self._approx_factors()
-        if self.distributed is not None and self._calls:
-            self.distributed.forward_end(self._calls, output, self._row_source)
+        if self.distributed is not None and self._ops:
+            self.distributed.forward_end(self._ops, output, self._row_source)
         if self.mode in ("approx", "bp"):
             # bp reads no input in backward, approx only a weight layer's, and that only to name a NaN
             # (_param_grad): let the others go now, as plain backprop would
-            for call in self._calls:
-                if self.mode == "bp" or not call.layer.rule.has_weights:
-                    call.input = None
+            for op in self._ops:
+                if self.mode == "bp" or not op.rule.has_weights:
+                    op.inputs = []
         return None
 
-    def _approx_factors(self) -> None:
-        calls = self._calls
-        chain = tuple((c.layer.path, c.layer.module, c.layer.rule, c.input.shape, c.output_shape) for c in calls)
-        plan = self._approx_plans.get(chain)
-        if plan is None:  # a new chain or new shapes: Algorithm 1's shape-only part, once
-            if len(self._approx_plans) >= 16:
-                self._approx_plans.clear()
-            plan = self._approx_plans[chain] = ApproxPlan(list(chain))
-        for call, factors in zip(calls, plan.factors()):
-            call.approx = factors
-        if self.mode == "approx":
-            self._approx_step = calls  # stats() reads it
+    def _produce(self, tensor: torch.Tensor, op: Op | None) -> Value:
+        """Record ``tensor`` as a value made by ``op`` (None: a model input) and hook its backward signal."""
+        value = Value(op, tuple(tensor.shape))
+        if op is not None:
+            op.output, op.output_shape = value, tuple(tensor.shape)
+        self._values[id(tensor)] = (tensor, value)
+        if self._matched_signals:
+            tensor.register_hook(functools.partial(self._value_signal, value))
+        return value
 
-    def _approx_stats(self) -> None:
-        """Fill ``_stats`` from the last approx-mode forward pass (done only when stats() asks)."""
-        for call in self._approx_step:
-            layer, factors = call.layer, call.approx
-            if layer.rule.has_weights or factors.ratio != 1.0:
-                self._stats[layer.path] = {
-                    "layer": layer.path, "kind": type(layer.module).__name__, "m": factors.backward_factor,
-                    "s": factors.sharing_factor, "r": factors.ratio, "c": factors.location_factor,
-                    "scale": 1.0 / (factors.backward_factor * factors.sharing_factor),
-                }
-
-    def _last_path(self) -> str:
-        return repr(self._calls[-1].layer.path) if self._calls else "none ran"
+    def _value_of(self, tensor: torch.Tensor, where: str) -> Value:
+        entry = self._values.get(id(tensor))
+        if entry is None or entry[0] is not tensor:
+            raise GraphError(
+                f"{where} takes a tensor that requires grad but that no supported module or op made in this "
+                "forward pass (a tensor from outside the model's forward, or from an op applied to it there)"
+            )
+        return entry[1]
 
     def _before(self, layer: _Layer, module, args):
         if not torch.is_grad_enabled():
             return None
-        if not self._forward_active:
+        if not self._capturing:
             raise GraphError(f"layer {layer.path!r} ran outside a forward pass of the attached model")
+        self._capture.inside += 1  # until _after: the module's own work (and ours) is not glue
         if len(args) != 1 or not isinstance(args[0], torch.Tensor):
             raise GraphError(f"layer {layer.path!r} must take exactly one tensor input")
-        if layer.forward == self._forwards:
+        if layer.has_parameters and layer.forward == self._forwards:
             raise GraphError(
-                f"layer {layer.path!r} ran twice in one forward pass: shared weights are not supported"
+                f"layer {layer.path!r} ({type(module).__name__}) ran twice in one forward pass: a module with "
+                "weights used twice (shared weights) has no back-matching rule; parameter-free modules may be reused"
             )
         layer.forward = self._forwards
         x = args[0]
-        last = self._last_output
-        if not (last is not None and _root(x) is _root(last)) and (self._calls or x.requires_grad):
-            raise GraphError(
-                f"layer {layer.path!r} ({type(module).__name__}) does not take the output of the previous "
-                f"module ({self._last_path()}): work between supported modules (a functional call, a residual "
-                "branch) has no back-matching rule"
-            )
-        layer.call = call = _Call(layer, x)
-        self._calls.append(call)
+        value = self._value_of(x, f"layer {layer.path!r} ({type(module).__name__})") if x.requires_grad else None
+        op = Op(layer.path, layer.rule, module, [x.detach()], [value] if value else [], layer=layer)
+        if value is not None:
+            value.uses.append(Use(op, 0))
+        layer.op = op
+        self._ops.append(op)
         if layer.check_input:
-            self._check_finite(x, "input", layer)  # approx mode: in _param_grad, only if needed
+            self._check_finite(x, "input", layer.path, module)  # approx mode: in _param_grad, only if needed
         changed = False
-        if layer.input_tap and x.requires_grad:
-            x, changed = _SignalTap.apply(x, self, call), True
+        if self._matched_signals and x.requires_grad and layer.rule.transforms_numerator(self.approximations):
+            x, changed = _NumeratorTap.apply(x, self, op), True
         if getattr(module, "inplace", False):
-            x, changed = x.clone(), True  # the in-place op then writes to our copy, never to a tapped view
+            x, changed = x.clone(), True  # the in-place op writes to our copy: the value stays as it was
         return (x,) if changed else None
 
     def _after(self, layer: _Layer, module, args, output):
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or not self._capturing:
             return None
-        layer.call.output_shape = output.shape
-        tapped = layer.output_tap and output.requires_grad
-        if tapped:
-            output = _OutputTap.apply(output, self, layer.call)
-        self._last_output = output
-        return output if tapped else None
+        try:
+            op = layer.op
+            if not (isinstance(output, torch.Tensor) and output.requires_grad):
+                return None
+            if output is args[0] and not getattr(module, "inplace", False):  # an identity: the output is its input
+                self._ops.remove(op)
+                if op.values:
+                    op.values[0].uses.pop()
+                return None
+            if layer.output_hook:
+                node = output.grad_fn
+                reader = (layer.rule.autograd_weight_grads(module, node)
+                          if self.backend == "fast" and layer.rule.has_weights else None)
+                node.register_prehook(functools.partial(self._output_signal, op, reader is not None))
+                if reader is not None:
+                    node.register_hook(functools.partial(self._node_grads, op, reader))
+            self._produce(output, op)
+        finally:
+            self._capture.inside -= 1
+        return None
 
-    def _check_finite(self, t: torch.Tensor, what: str, layer: _Layer) -> None:
+    def _functional(self, func, args, kwargs):
+        """A torch function called in the model's forward pass outside its leaf modules (``graph.Capture``)."""
+        inputs = tensors_requiring_grad(args, kwargs)
+        if not inputs:
+            return func(*args, **kwargs)  # no gradient flows through it
+        name = getattr(func, "__name__", repr(func))
+        entries = {id(t): (t, t._version, self._values.get(id(t))) for t in inputs}
+        out = func(*args, **kwargs)
+        if not (isinstance(out, torch.Tensor) and out.requires_grad):
+            if name == "__setitem__":  # an in-place write into a value: no rule
+                raise GraphError(f"{name} (called at {call_site()}) writes into a tensor of the graph: back-matching "
+                                 f"has no rule for it; supported between modules: {glue.SUPPORTED}")
+            return out
+        same = entries.get(id(out))
+        if same is not None and same[0] is out and out._version == same[1]:
+            return out  # an op that returned its input as it is (e.g. .contiguous() of a contiguous tensor)
+        call = glue.parse(func, args, kwargs, out)
+        if call is None:
+            raise GraphError(
+                f"{name} (called at {call_site()}) is applied to a tensor of the graph but has no back-matching "
+                f"rule; supported between modules: {glue.SUPPORTED}. On the model's output, move it into the loss"
+            )
+        values = []
+        for t in call.inputs:
+            tensor, _, entry = entries[id(t)]
+            if entry is None or entry[0] is not tensor:
+                self._value_of(tensor, f"{name} (called at {call_site()})")  # raises
+            values.append(entry[1])
+        op = Op(f"{name}#{len(self._ops)}", call.rule, call.module, [t.detach() for t in call.inputs], values,
+                list(call.denominators))
+        for index, (value, den) in enumerate(zip(values, call.denominators)):
+            value.uses.append(Use(op, index, den))
+        self._ops.append(op)
+        self._produce(out, op)
+        return out
+
+    def _approx_factors(self) -> None:
+        ops = self._ops
+        index = {}
+        for op in ops:
+            for value in op.values:
+                index.setdefault(id(value), len(index))
+            if op.output is not None:
+                index.setdefault(id(op.output), len(index))
+        graph = tuple(PlanOp(op.path, op.module, op.rule, tuple(op.inputs[0].shape) if op.inputs else (),
+                             op.output_shape, tuple(index[id(v)] for v in op.values),
+                             index[id(op.output)] if op.output is not None else None, tuple(op.denominators))
+                      for op in ops)
+        plan = self._approx_plans.get(graph)
+        if plan is None:  # a new graph or new shapes: Algorithm 1's shape-only part, once
+            if len(self._approx_plans) >= 16:
+                self._approx_plans.clear()
+            plan = self._approx_plans[graph] = ApproxPlan(list(graph))
+        for op, factors in zip(ops, plan.factors()):
+            op.approx = factors
+        if self.mode == "approx":
+            self._approx_step = ops  # stats() reads it
+
+    def _approx_stats(self) -> None:
+        """Fill ``_stats`` from the last approx-mode forward pass (done only when stats() asks)."""
+        for op in self._approx_step:
+            factors = op.approx
+            if op.layer is not None and (op.rule.has_weights or factors.ratio != 1.0):
+                self._stats[op.path] = {
+                    "layer": op.path, "kind": type(op.module).__name__, "m": factors.backward_factor,
+                    "s": factors.sharing_factor, "r": factors.ratio, "c": factors.location_factor,
+                    "scale": 1.0 / (factors.backward_factor * factors.sharing_factor),
+                }
+
+    def _check_finite(self, t: torch.Tensor, what: str, path: str, module) -> None:
         if not _is_finite(t):
             if self.distributed is not None:  # recorded: every rank raises together at the next exchange
-                return self.distributed.record_bad(layer.path, what)
+                return self.distributed.record_bad(path, what)
+            kind = type(module).__name__ if module is not None else "op"
             raise NonFiniteError(
-                f"layer {layer.path!r} ({type(layer.module).__name__}): {what} of shape {tuple(t.shape)} "
-                "contains NaN or infinity"
+                f"layer {path!r} ({kind}): {what} of shape {tuple(t.shape)} contains NaN or infinity"
             )
 
     # -------------------------------------------------------------- backward
-    def _output_signal(self, call: _Call, grad: torch.Tensor) -> None:
-        layer = call.layer
-        self._check_finite(grad, "signal arriving at the output", layer)
-        call.grad_output = grad
-        if layer.rule.has_weights:
-            self._solve_weights(call, grad)
-        elif layer.rule.solves_parameters(layer.module):
-            self._solve_parameters(call, grad)
+    def _value_signal(self, value: Value, grad: torch.Tensor):
+        """Tensor hook of a value: the back-matched signal from the sum of its consumers' backprop signals."""
+        uses = value.uses
+        if not uses or (len(uses) == 1 and self._unchanged(uses[0])):
+            return None
+        first = uses[0].op
+        with self.timing.part(first.path, "input_signal"):
+            den = self._denominator(uses[0])
+            for use in uses[1:]:
+                den = den + self._denominator(use)
+            result = safe_divide(grad, den)
+            self._check_finite(result, "back-matched input signal", first.path, first.module)
+        return result
 
-    def _row_source(self, call: _Call) -> weights.RowSource:
-        """The input rows of ``call``'s weight problem: the rule's fast source, or A itself (reference)."""
-        rule, module, a = call.layer.rule, call.layer.module, call.input.detach()
+    def _unchanged(self, use: Use) -> bool:
+        """Whether a value's only consumer passes its backprop signal on as the back-matched one."""
+        if use.denominator is not None:
+            return use.denominator == 1.0
+        op = use.op
+        if self.mode == "approx":
+            return op.approx.ratio == 1.0
+        return op.rule.signal_unchanged(op.module, self.signal_damping if op.rule.damped else 0.0,
+                                        self.approximations)
+
+    def _denominator(self, use: Use):
+        """What one consumer adds to the denominator of its input's signal (SPEC §8: they add up)."""
+        if use.denominator is not None:
+            return use.denominator
+        op = use.op
+        if self.mode == "approx":
+            return op.approx.ratio  # Algorithm 1: r instead of ‖J_{:,j}‖²
+        return op.rule.denominator(op.module, op.inputs[use.index], self.signal_damping if op.rule.damped else 0.0,
+                                   self.approximations, op.approx)
+
+    def _output_signal(self, op: Op, solved_at_node: bool, grad_outputs) -> None:
+        """Pre-hook of a weight or BatchNorm layer's output node: the signal it receives, and its solve."""
+        grad = grad_outputs[0]
+        if grad is None:
+            return None
+        self._check_finite(grad, "signal arriving at the output", op.path, op.module)
+        op.grad_output = grad
+        if op.rule.has_weights:
+            if not solved_at_node:
+                self._finish_weights(op, None)
+        elif op.rule.solves_parameters(op.module):
+            self._solve_parameters(op, grad)
+        return None
+
+    def _row_source(self, op: Op) -> weights.RowSource:
+        """The input rows of ``op``'s weight problem: the rule's fast source, or A itself (reference)."""
+        rule, module, a = op.rule, op.module, op.input
         if self.backend == "reference":
             return weights.ExplicitRows(rule.input_rows(module, a), a.shape[0] if a.dim() > 1 else 1)
         return rule.row_source(module, a)
 
-    def _solve_weights(self, call: _Call, grad: torch.Tensor) -> None:
-        """g'_W for one weight layer, by ``weights.solve`` on this call's row source.
+    def _node_grads(self, op: Op, reader, grad_inputs, grad_outputs) -> None:
+        """Hook on the node that made a weight layer's output: solve with autograd's own gradients of this call.
 
-        The fast backend takes autograd's own ``g_W`` where the rule can read it off the
-        node that made the layer's output (a convolution's): the solve then runs in a hook on that
-        node, before the parameters' hooks, and the node's gradient doubles as the
+        The fast backend's way where the rule can read ``g_W`` off that node (Conv2d): the
+        solve runs before the parameters' hooks, and the node's gradient doubles as the
         outside-use check (``_param_grad``). Otherwise ``g_W = Sᵀ A`` from the row source.
         """
-        layer = call.layer
-        finish = functools.partial(self._finish_weights, call, self._row_source(call), grad)
-        reader = layer.rule.autograd_weight_grads(layer.module, call.node) if self.backend == "fast" else None
-        if reader is None:
-            return finish(None)
-        # a graph kept for another backward (retain_graph) gets a new hook each time: only the newest acts
-        call.node_token = token = object()
-        call.node.register_hook(functools.partial(self._node_grads, call, token, reader, finish))
-
-    def _node_grads(self, call: _Call, token, reader, finish, grad_inputs, grad_outputs) -> None:
-        """Hook on the node that made a weight layer's output: solve with autograd's own gradients of this call."""
-        if token is not call.node_token:
-            return None
-        module = call.layer.module
+        module = op.module
         grads = reader(grad_inputs)
         names = [name for name in ("weight", "bias") if getattr(module, name, None) is not None]
         if all(grads[name] is None for name in names):
             return None  # no parameter gradient asked for (autograd.grad w.r.t. inputs only)
         usable = all(grads[name] is not None and grads[name].dtype == module.weight.dtype for name in names)
-        finish({name: grads[name] for name in names} if usable else None)
+        self._finish_weights(op, {name: grads[name] for name in names} if usable else None)
         return None
 
-    def _finish_weights(self, call: _Call, local: weights.RowSource, grad: torch.Tensor, plain: dict | None) -> None:
-        layer = call.layer
-        rule, module, path = layer.rule, layer.module, layer.path
+    def _finish_weights(self, op: Op, plain: dict | None) -> None:
+        rule, module, path, grad = op.rule, op.module, op.path, op.grad_output
+        local = self._row_source(op)
 
         def signals():
             return rule.signal_rows(module, grad)
@@ -392,14 +469,14 @@ class Engine:
         if plain is None:
             with self.timing.part(path, "weight_grad"):
                 flat = local.times_rows(signals().T)  # g_W = Sᵀ A (eq. 7/21): the signals carry the loss's 1/B
-            call.plain_grads = rule.unflatten(module, flat)
+            op.plain_grads = rule.unflatten(module, flat)
         else:
-            flat, call.plain_grads = rule.flatten(module, plain), plain
+            flat, op.plain_grads = rule.flatten(module, plain), plain
         source, exchange = local, None
         if self.distributed is not None:
             source, signals, exchange = self.distributed.problem(path, local, signals)
         weight = rule.flat_weight(module).detach() if self.settings.weight_decay else None
-        scale = call.approx.sharing_factor if self.approximations.gram else None  # Algorithm 1's G ≈ s·I
+        scale = op.approx.sharing_factor if self.approximations.gram else None  # Algorithm 1's G ≈ s·I
         try:
             if self.distributed is not None and self.distributed.failed:
                 raise _Skipped  # the step fails at the next check anyway: skip the work
@@ -415,63 +492,45 @@ class Engine:
         if info is None:
             return
         with self.timing.part(path, "column_norms"):
-            col_sq = rule.column_sq_norms(module, call.input.detach())  # this step's weights; reduced if read
+            col_sq = rule.column_sq_norms(module, op.input)  # this step's weights; reduced if read
         amplification = _Deferred(functools.partial(signal_amplification, col_sq, self.signal_damping))
         row = weights.stats_row(path, type(module).__name__, source, module.weight.shape[0], info, amplification)
         if exchange is not None:
             row["exchange"] = exchange
         self._stats[path] = row
 
-    def _solve_parameters(self, call: _Call, grad: torch.Tensor) -> None:
+    def _solve_parameters(self, op: Op, grad: torch.Tensor) -> None:
         """The closed-form back-matched gradients of a layer's own parameters (a normalization's γ, β)."""
-        layer = call.layer
-        gram = self.distributed.parameter_gram(layer.path) if self.distributed is not None else None
+        gram = self.distributed.parameter_gram(op.path) if self.distributed is not None else None
         wd = self.settings.weight_decay
-        solved, call.plain_grads = layer.rule.parameter_gradients(layer.module, call.input.detach(), grad, wd, gram)
+        solved, op.plain_grads = op.rule.parameter_gradients(op.module, op.input, grad, wd, gram)
         if self.approximations.gram:  # Algorithm 1's G ≈ s·I here too: s = 1 off weight layers, as approx mode has it
-            scale = call.approx.sharing_factor
-            solved = {name: (g + wd * getattr(layer.module, name).detach()) / scale
-                      for name, g in call.plain_grads.items()}
+            scale = op.approx.sharing_factor
+            solved = {name: (g + wd * getattr(op.module, name).detach()) / scale for name, g in op.plain_grads.items()}
         for name, value in solved.items():
-            self._pending[getattr(layer.module, name)] = value
-
-    def _input_signal(self, call: _Call, grad: torch.Tensor) -> torch.Tensor:
-        layer = call.layer
-        if self.mode == "approx":
-            ratio = call.approx.ratio
-            return grad if ratio == 1.0 else grad / ratio  # g'_a ≈ g_a / r
-        rule, module, a = layer.rule, layer.module, call.input.detach()
-        with self.timing.part(layer.path, "input_signal"):
-            if self._switched:
-                result = rule.approx_signal(module, a, grad, call.grad_output, self.signal_damping,
-                                            self.approximations, call.approx)
-            else:
-                result = rule.signal(module, a, grad, call.grad_output, self.signal_damping)
-            self._check_finite(result, "back-matched input signal", layer)
-        return result
+            self._pending[getattr(op.module, name)] = value
 
     def _param_grad(self, layer: _Layer, name: str, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        op = layer.op
         if self.mode == "approx":
             # the signals arriving were already divided by m, so autograd's grad is g_W / m
-            factors = layer.call.approx
+            factors = op.approx
             scaled = grad if factors.sharing_factor == 1.0 else grad / factors.sharing_factor
             if self.settings.weight_decay:
                 wd = self.settings.weight_decay
                 scaled = scaled + (wd / (factors.backward_factor * factors.sharing_factor)) * param
-            call = layer.call
             if not math.isfinite(scaled.sum()):
                 # approx mode checks the inputs here, not in the forward pass (which it keeps as cheap as plain
                 # backprop): a NaN or inf in a weight layer's input always reaches its g_W = Sᵀ A. Name the first
                 # layer (forward order) whose input went bad, as the forward check would have.
-                bad = next((c for c in self._calls if c.input is not None and not _is_finite(c.input)), None)
+                bad = next((o for o in self._ops if o.inputs and not _is_finite(o.input)), None)
                 if bad is not None:
-                    self._check_finite(bad.input, "input", bad.layer)
+                    self._check_finite(bad.input, "input", bad.path, bad.module)
             else:
-                call.input = None  # finite g_W: the input was finite; release it as plain backprop would
+                op.inputs = []  # finite g_W: the input was finite; release it as plain backprop would
             return scaled
         solved = self._pending.pop(param, None)
-        call = getattr(layer, "call", None)
-        ours = call.plain_grads.get(name) if call is not None else None
+        ours = op.plain_grads.get(name) if op is not None else None
         if solved is None or ours is None:
             raise GraphError(
                 f"layer {layer.path!r}: parameter {name!r} received a gradient that did not pass through the "
@@ -483,7 +542,7 @@ class Engine:
         # measured against the whole layer's gradient: a bias right before a normalization has a gradient that is
         # rounding noise in both computations, which must not read as a 100% difference
         layer_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in
-                                                           call.plain_grads.values()]))
+                                                           op.plain_grads.values()]))
         scale = torch.maximum(torch.linalg.vector_norm(grad), layer_norm)
         if bool(gap > 1e-3 * scale + torch.finfo(grad.dtype).tiny):
             raise GraphError(

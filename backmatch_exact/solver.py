@@ -29,11 +29,13 @@ from .errors import NonFiniteError, SolveError
 from .timing import NO_TIMING, Timing
 
 
-def safe_divide(x: torch.Tensor, d: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+def safe_divide(x: torch.Tensor, d, keep: torch.Tensor | None = None) -> torch.Tensor:
     """``x / d``, and 0 where ``d`` is 0 (or where ``keep`` is False): the minimum-norm answer there.
 
-    One division: a dropped denominator becomes +inf, and a finite ``x`` over it is 0.
+    One division: a dropped denominator becomes +inf, and a finite ``x`` over it is 0. ``d`` may be a number.
     """
+    if not isinstance(d, torch.Tensor):
+        return x / d if d != 0 else torch.zeros_like(x)
     keep = d != 0 if keep is None else keep
     return x / torch.where(keep, d, torch.inf)
 

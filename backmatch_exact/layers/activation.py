@@ -15,8 +15,11 @@ from torch import nn
 from .base import LayerRule, UnitRatioRule
 
 
-class ReLURule(LayerRule):
-    changes_signal = False  # eq. 31: identical to backprop
+class ReLURule(UnitRatioRule):
+    changes_signal = False  # eq. 31: identical to backprop for a sole consumer
+
+    def column_sq_norms(self, module: nn.ReLU, a: torch.Tensor) -> torch.Tensor:
+        return (a > 0).to(a.dtype)  # what it adds at a fan-out (autograd's slope at a = 0 is 0)
 
 
 class LeakyReLURule(UnitRatioRule):

@@ -10,7 +10,10 @@ lets every input unit j match the output signal on its own, which gives
 for any layer that is linear (or piecewise linear) in its input: the backprop
 signal divided by the squared norm of the Jacobian's column j. Linear (eq. 12),
 Conv2d (eq. 22), pooling, ReLU (eq. 30), LeakyReLU and Dropout are all this one
-rule and only say how to compute ``‖J_{:,j}‖²`` (``column_sq_norms``).
+rule and only say how to compute ``‖J_{:,j}‖²`` (``column_sq_norms``). When a
+tensor feeds several layers, their numerators and their denominators add up
+(SPEC §8): a rule therefore gives the two parts, :meth:`LayerRule.numerator` and
+:meth:`LayerRule.denominator`, and the engine divides their sums.
 """
 
 from __future__ import annotations
@@ -28,11 +31,9 @@ if TYPE_CHECKING:  # (approx.py imports this module)
     from ..approx import ApproxFactors, Approximations
 
 
-def divide_by_column_sq_norms(signal: torch.Tensor, col_sq: torch.Tensor, signal_damping: float) -> torch.Tensor:
-    """``signal / (col_sq + μ·mean(col_sq))``, and 0 where the denominator is 0 (min-norm)."""
-    if signal_damping:
-        col_sq = col_sq + signal_damping * col_sq.mean()
-    return safe_divide(signal, col_sq)
+def damped(col_sq: torch.Tensor, signal_damping: float) -> torch.Tensor:
+    """``col_sq + μ·mean(col_sq)`` (SPEC §3's signal damping; μ = 0: the paper's rule)."""
+    return col_sq + signal_damping * col_sq.mean() if signal_damping else col_sq
 
 
 def signal_amplification(col_sq: torch.Tensor, signal_damping: float = 0.0) -> float:
@@ -74,19 +75,35 @@ class LayerRule:
         """``‖J_{:,j}‖²`` for every input unit, broadcastable to ``a``."""
         raise NotImplementedError
 
-    def signal(self, module, a, grad_input, grad_output, signal_damping: float) -> torch.Tensor:
-        """Back-matched input signal ``g'_a`` from the backprop one ``grad_input = Jᵀ g'_b``."""
+    def numerator(self, module, a, grad_input, grad_output, switches: "Approximations") -> torch.Tensor:
+        """This layer's part of its input's signal numerator: backprop's ``grad_input = Jᵀ g_b`` unless the rule
+        drops part of J (then :meth:`transforms_numerator` is True and the engine asks for it)."""
+        return grad_input
+
+    def transforms_numerator(self, switches: "Approximations") -> bool:
+        """Whether :meth:`numerator` is not simply autograd's ``Jᵀ g_b``."""
+        return False
+
+    def denominator(self, module, a, signal_damping: float, switches: "Approximations",
+                    factors: "ApproxFactors | None"):
+        """This layer's part of its input's signal denominator: ``‖J_{:,j}‖² + μ·mean_j ‖J_{:,j}‖²``, or
+        Algorithm 1's estimate of it where a switch says so (``approx.Approximations``). ``factors``: the
+        layer's Algorithm 1 numbers (m, s, r, c) in this forward pass, when a switch needs them."""
+        return damped(self.column_sq_norms(module, a), signal_damping)
+
+    def signal_unchanged(self, module, signal_damping: float, switches: "Approximations") -> bool:
+        """Whether, as its input's only consumer, the layer passes the backprop signal on unchanged."""
+        return not self.changes_signal
+
+    def signal(self, module, a, grad_input, grad_output, signal_damping: float, switches=None,
+               factors=None) -> torch.Tensor:
+        """Back-matched ``g'_a`` when this layer is its input's only consumer: numerator over denominator."""
+        from ..approx import Approximations  # (approx.py imports this module)
+
+        switches = switches or Approximations()
         mu = signal_damping if self.damped else 0.0
-        return divide_by_column_sq_norms(grad_input, self.column_sq_norms(module, a), mu)
-
-    def approx_signal(self, module, a, grad_input, grad_output, signal_damping: float, switches: "Approximations",
-                      factors: "ApproxFactors | None") -> torch.Tensor:
-        """:meth:`signal` with some of Algorithm 1's approximations switched on (``approx.Approximations``).
-
-        ``factors``: this layer's Algorithm 1 numbers (m, s, r, c) in this forward pass, when a switch needs
-        them. A rule that no switch concerns keeps its exact signal.
-        """
-        return self.signal(module, a, grad_input, grad_output, signal_damping)
+        return safe_divide(self.numerator(module, a, grad_input, grad_output, switches),
+                           self.denominator(module, a, mu, switches, factors))
 
     def approx_ratio(self, module: nn.Module, place: "ApproxPlace") -> float:
         """Algorithm 1's ratio ``r = g_a / g'_a``, from weights and shapes alone (1: same as backprop)."""
@@ -194,25 +211,29 @@ class WeightRule(LayerRule):
         that made the layer's output, or None when that node does not hand them out (then ``g_W = Sᵀ A``)."""
         return None
 
-    def approx_signal(self, module, a, grad_input, grad_output, signal_damping, switches, factors):
+    def denominator(self, module, a, signal_damping, switches, factors):
         """Switch ``columns``: every denominator becomes the mean ``‖Wᵀ‖²_{2,µ}``; ``conv_factor``: divided by c."""
         if not (switches.columns or switches.conv_factor):
-            return self.signal(module, a, grad_input, grad_output, signal_damping)
+            return super().denominator(module, a, signal_damping, switches, factors)
         col_sq = (a.new_tensor(mean_sq_column_norm(module.weight)) if switches.columns
                   else self.column_sq_norms(module, a))
         if switches.conv_factor:
             col_sq = col_sq / factors.location_factor
-        return divide_by_column_sq_norms(grad_input, col_sq, signal_damping if self.damped else 0.0)
+        return damped(col_sq, signal_damping)
 
 
 class UnitRatioRule(LayerRule):
-    """A layer whose exact rule differs from backprop but to which Algorithm 1 gives ``r = 1`` (pooling, LeakyReLU)."""
+    """A layer whose exact rule is not backprop's everywhere but to which Algorithm 1 gives ``r = 1``
+    (pooling, ReLU and LeakyReLU at a fan-out)."""
 
-    def approx_signal(self, module, a, grad_input, grad_output, signal_damping, switches, factors):
-        """Switch ``unit_ratios``: backprop's signal, as Algorithm 1 sends it."""
+    def denominator(self, module, a, signal_damping, switches, factors):
+        """Switch ``unit_ratios``: 1, so its signal is backprop's, as Algorithm 1 sends it."""
         if switches.unit_ratios:
-            return grad_input
-        return self.signal(module, a, grad_input, grad_output, signal_damping)
+            return 1.0
+        return super().denominator(module, a, signal_damping, switches, factors)
+
+    def signal_unchanged(self, module, signal_damping, switches):
+        return switches.unit_ratios or super().signal_unchanged(module, signal_damping, switches)
 
 
 def append_ones_column(rows: torch.Tensor) -> torch.Tensor:

@@ -94,25 +94,28 @@ class BatchNormRule(LayerRule):
         gamma_sq = squared_norm(module.weight, place) / module.weight.numel() if module.weight is not None else 1.0
         return gamma_sq / mean_sq_row_norm(place.producer.weight, place)  # eq. 36
 
-    def signal(self, module, a, grad_input, grad_output, signal_damping):
-        return grad_output * _channel_view(self._inverse_gain(module, a), a)  # eq. 26: g_b · σ/γ
+    def numerator(self, module, a, grad_input, grad_output, switches):
+        """eq. 26 keeps only the diagonal of J, ``γ/σ``: ``g_b·γ/σ``, the coupling terms dropped (eq. 11);
+        switch ``bn_coupling``: backprop's full ``Jᵀ g_b``, as Algorithm 1 transports it."""
+        if switches.bn_coupling:
+            return grad_input
+        return grad_output * _channel_view(self._gain(module, a), a)
 
-    def approx_signal(self, module, a, grad_input, grad_output, signal_damping, switches, factors):
-        """``bn_coupling``: transport by backprop's full Jacobian (batch-statistics terms kept), not by γ/σ;
-        ``bn_variance``: divide by Algorithm 1's ratio (Var[a] ≈ ‖W_prev‖²_{2,µ}) instead of (γ/σ)²."""
-        if not (switches.bn_variance or switches.bn_coupling):
-            return self.signal(module, a, grad_input, grad_output, signal_damping)
-        inverse_gain = _channel_view(self._inverse_gain(module, a), a)  # σ/γ, 0 where γ = 0
-        transported = grad_input if switches.bn_coupling else safe_divide(grad_output, inverse_gain)  # g_b·γ/σ
+    def transforms_numerator(self, switches) -> bool:
+        return not switches.bn_coupling
+
+    def denominator(self, module, a, signal_damping, switches, factors):
+        """``(γ/σ)²`` per channel (so a sole consumer sends ``g_b·σ/γ``, eq. 26); switch ``bn_variance``:
+        Algorithm 1's ratio, which estimates Var[a] by ``‖W_prev‖²_{2,µ}``."""
         if switches.bn_variance:
-            return transported / factors.ratio
-        return transported * inverse_gain ** 2
+            return factors.ratio
+        return _channel_view(self._gain(module, a), a) ** 2
 
     @staticmethod
-    def _inverse_gain(module, a) -> torch.Tensor:
-        """σ/γ per channel (σ without affine), 0 where γ = 0."""
+    def _gain(module, a) -> torch.Tensor:
+        """γ/σ per channel (1/σ without affine): the diagonal of the layer's Jacobian."""
         sigma = batch_std(module, a)
-        return sigma if module.weight is None else safe_divide(sigma, module.weight.detach())
+        return 1.0 / sigma if module.weight is None else module.weight.detach() / sigma
 
     def solves_parameters(self, module) -> bool:
         return module.weight is not None

@@ -41,13 +41,12 @@ class MaxPool2dRule(PoolingRule):
         flat.scatter_add_(-1, index.flatten(-2), torch.ones_like(index.flatten(-2), dtype=a.dtype))
         return flat.view_as(a)
 
-    def signal(self, module, a, grad_input, grad_output, signal_damping):
+    def signal_unchanged(self, module, signal_damping, switches):
         # Disjoint windows (stride >= dilated kernel extent): every input is read by at most one window, so
         # ‖J_{:,j}‖² is 1 where its window selected it and 0 elsewhere, where backprop's g_a is already 0:
-        # g'_a = g_a exactly (the general rule's values, bit for bit), without recomputing the pooling.
-        if not signal_damping and _disjoint_windows(module):
-            return grad_input
-        return super().signal(module, a, grad_input, grad_output, signal_damping)
+        # a sole consumer sends g'_a = g_a exactly, without recomputing the pooling.
+        return (not signal_damping and _disjoint_windows(module)) or super().signal_unchanged(
+            module, signal_damping, switches)
 
 
 def _disjoint_windows(module: nn.MaxPool2d) -> bool:
