@@ -337,3 +337,73 @@ def test_approximations_belong_to_exact_mode():
     for mode in ("bp", "exact_weights", "approx"):
         with pytest.raises(ValueError, match="approximations.*mode='exact'"):
             bm.attach(bm.models.lenet_bn(), mode=mode, approximations=["gram"])
+
+
+# ------------------------------------------------------------------ Algorithm 1 on a branching network
+def _resnet20():
+    torch.manual_seed(3)
+    model = bm.models.resnet(20).double()
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.uniform_(-0.2, 0.2, generator=gen)
+    return model
+
+
+def test_resnet_exact_with_every_approximation_is_approx_mode():
+    model, (x, y) = _resnet20(), _data(4)
+    approx, approx_grads = _run(model, x, y, mode="approx")
+    switched, switched_grads = _run(model, x, y, mode="exact", approximations="all")
+    for name in approx_grads:
+        scale = approx_grads[name].norm()
+        assert (switched_grads[name] - approx_grads[name]).norm() <= 1e-9 * scale, name
+    for layer in approx:
+        assert _rel(switched[layer]["input_signal"], approx[layer]["input_signal"]) < 1e-9, layer
+
+
+def test_resnet20_approx_against_a_hand_derivation():
+    """Two layers of ResNet-20 worked out by hand with Algorithm 1's ratios and autograd's linear maps:
+    the last conv (a chain up to the loss) and the conv before the last shortcut (its signal meets a fan-out)."""
+    model, (x, y) = _resnet20(), _data(4)
+    last, before = model.stage3[2], model.stage3[1]
+    grads, stats = _grads(model, x, y, mode="approx")
+    # plain backprop, keeping what the derivation needs
+    kept = {}
+    handles = [before.register_forward_hook(lambda m, a, out: kept.__setitem__("v", out)),
+               last.conv1.register_forward_hook(lambda m, a, out: kept.__setitem__("c1", out)),
+               last.bn2.register_forward_hook(lambda m, a, out: kept.__setitem__("b2", out))]
+    model.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    for h in handles:
+        h.remove()
+    g_c1, g_add = torch.autograd.grad(loss, [kept["c1"], kept["b2"]], retain_graph=True)  # (b2 += identity: the
+    # gradient of bn2's output before the in-place add is the add's output gradient)
+    plain = dict(zip(("last", "before"), torch.autograd.grad(loss, [last.conv2.weight, before.conv2.weight],
+                                                             retain_graph=True)))
+
+    def r_bn(bn, conv):  # eq. 36: mean(γ²) / ‖W_prev‖²_{2,µ} (mean squared row norm)
+        return float(bn.weight.detach().square().mean()) / _sq_mu_rows(conv.weight)
+
+    def r_conv(conv, input_locations, s):  # eq. 35: ‖W_col‖²_{2,µ} / c, c = input locations / s
+        return _sq_mu_cols(conv.weight) / (input_locations / s)
+
+    r_fc = _sq_mu_cols(model.fc.weight)
+    # the last conv: bn2 → += → relu → global pool → fc, a chain: m = r_bn2 · r_fc, and s = 1 (1x1 after pooling)
+    m_last = r_bn(last.bn2, last.conv2) * r_fc
+    by_layer = {s["layer"]: s for s in stats}
+    assert by_layer["stage3.2.conv2"]["s"] == 1.0
+    assert by_layer["stage3.2.conv2"]["m"] == pytest.approx(m_last, rel=1e-12)
+    assert _rel(grads["stage3.2.conv2.weight"], plain["last"] / m_last) < 1e-10
+    # the conv before the shortcut: its block's output v feeds the last block's conv1 and its identity add, so
+    # Algorithm 1's signal at v is (conv1ᵀ g̃_conv1 + g̃_add) / (r_conv1 + 1) (SPEC §8), then back through
+    # relu, +=, bn2 (÷ r_bn2) to the conv, whose s is 64 (8x8: the path to the next conv pools nothing)
+    m_c1 = r_bn(last.bn1, last.conv1) * r_conv(last.conv2, 64, 1) * r_bn(last.bn2, last.conv2) * r_fc  # (conv2: s=1)
+    (conv1_t,) = torch.autograd.grad(kept["c1"], kept["v"], g_c1 / m_c1, retain_graph=True)
+    signal_v = (conv1_t + g_add / r_fc) / (r_conv(last.conv1, 64, 64) + 1)
+    (through,) = torch.autograd.grad(kept["v"], before.conv2.weight, signal_v)
+    expected = through / (r_bn(before.bn2, before.conv2) * 64)
+    assert by_layer["stage3.1.conv2"]["s"] == 64.0
+    assert _rel(grads["stage3.1.conv2.weight"], expected) < 1e-10
+    assert _rel(expected, plain["before"] / (expected.norm() / plain["before"].norm())) > 1e-3  # not a rescaling
