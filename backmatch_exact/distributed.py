@@ -66,9 +66,9 @@ reads or writes the engine:
 
 * ``attach(layers, settings)`` once: ``(path, kind)`` of every module in network
   order (a bad-value flag names its layer by index) and the engine's ``weights.Settings``;
-* ``forward_end(calls, output, row_source)`` at the end of every forward pass with
-  gradients: the module calls in order (``call.layer.path / .rule / .module``,
-  ``call.input``) and ``row_source(call)``, a weight layer's local ``RowSource``.
+* ``forward_end(ops, output, row_source)`` at the end of every forward pass with
+  gradients: the ops in execution order (``graph.Op``: ``.path``, ``.rule``,
+  ``.module``, ``.input``) and ``row_source(op)``, a weight layer's local ``RowSource``.
   Exchanges, and queues the end-of-backward check on ``output``;
 * ``problem(path, local, signals)`` for each weight layer in backward: the
   ``(source, signals, exchange)`` that ``weights.solve`` is to use instead of
@@ -238,7 +238,7 @@ class Comm:
         k, me = self.size, self.rank
         local, affine, shapes = [], [], []
         for call in calls:
-            path, rule, module = call.layer.path, call.layer.rule, call.layer.module
+            path, rule, module = call.path, call.rule, call.module
             try:
                 if rule.has_weights:
                     source = row_source(call)
@@ -271,7 +271,7 @@ class Comm:
         send_rows = self.settings.solve_method == "dual" and not self.settings.weight_decay
         gram_parts, gram_plan, row_parts, row_plan = [], [], [], []
         for call, source in local:
-            path, rule, module = call.layer.path, call.layer.rule, call.layer.module
+            path, rule, module = call.path, call.rule, call.module
             dtype = solver.solve_dtype(call.input.dtype)
             if k * source.samples <= source.d or send_rows:
                 rows = rule.input_rows(module, call.input.detach()).to(dtype)

@@ -55,7 +55,8 @@ def _init(rank, init, device="cpu"):
 def _cpu_worker(rank, init, out):
     """Every CPU check's distributed half in one pair of processes (starting them dominates the run time)."""
     _init(rank, init)
-    results = {"ddp": _ddp_part(rank), "bn": _bn_part(rank), "bad": _bad_part(rank)}  # bad input last
+    results = {"ddp": _ddp_part(rank), "bn": _bn_part(rank), "residual": _residual_part(rank),
+               "bad": _bad_part(rank)}  # bad input last
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()  # nobody closes its connections while a peer still reads (gloo aborts then)
     dist.destroy_process_group()
@@ -163,6 +164,49 @@ def test_ddp_equals_single_process_on_the_concatenated_batch(spawned):
     assert comm["payload_bytes"] == header_bytes + gram_bytes + rows_bytes + check_bytes
     forced_dual = {s["layer"]: s["exchange"] for s in ranks[0][3]["stats"]}
     assert set(forced_dual.values()) == {"rows"}
+
+
+# ------------------------------------------------ DDP on a branching network
+class _Residual(nn.Module):
+    """A BN-free residual network: ``relu(conv2(relu(conv1(x))) + x)``, its output pooled into a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * 4 * 4, 3)
+
+    def forward(self, x):
+        out = self.conv2(torch.relu(self.conv1(x)))
+        out += x
+        return self.fc(torch.flatten(F.max_pool2d(torch.relu(out), 2), 1))
+
+
+def _residual_net():
+    torch.manual_seed(0)
+    return _Residual().double()
+
+
+RESIDUAL_CONFIGS = [("exact", {}), ("exact_weights", {"weight_decay": 0.01})]
+
+
+def _residual_part(rank):
+    x, y = _shard(rank)
+    results = {}
+    for i, (mode, kwargs) in enumerate(RESIDUAL_CONFIGS):
+        model = DDP(_residual_net())
+        with bm.attach(model, mode=mode, **kwargs):
+            _step(model, x, y)
+        results[i] = _grads(model.module)
+    return results
+
+
+def test_ddp_on_a_residual_network_equals_single_process(spawned):
+    ranks = [r["residual"] for r in spawned]
+    x, y = _data()
+    for i, (mode, kwargs) in enumerate(RESIDUAL_CONFIGS):
+        want = _single(_residual_net, x, y, mode, **kwargs)
+        for r in range(WORLD):
+            _close(ranks[r][i], want)
 
 
 # ------------------------------------------------------------ plain BatchNorm

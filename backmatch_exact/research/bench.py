@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import backmatch_exact as bm
 
-from .common import build_model
+from .common import MODELS, build_model
 
 MODES = ("plain", "bp", "approx", "exact", "exact_weights")
 PARTS = ("gram", "weight_grad", "factor", "solve", "dual", "column_norms", "input_signal")
@@ -222,7 +222,7 @@ def format_report(report: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="lenet", choices=["lenet", "vgg11"])
+    p.add_argument("--model", default="lenet", choices=MODELS)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...; 'auto': cuda when available")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])

@@ -9,15 +9,17 @@ import backmatch_exact as bm
 
 OPTIMIZERS = ("sgd", "approx", "exact", "exact_weights", "lars", "lsalr")
 ENGINE_MODES = ("approx", "exact", "exact_weights")
-MODELS = ("lenet", "vgg11", "vgg13", "vgg16", "vgg19")
+MODELS = ("lenet", "vgg11", "vgg13", "vgg16", "vgg19", "resnet20", "resnet32", "resnet44", "resnet56")
 
 
 def build_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
-    """``"lenet"`` → LeNet-BN, ``"vgg11"`` … ``"vgg19"`` → VGG-BN of that depth."""
+    """``"lenet"`` → LeNet-BN, ``"vgg11"`` … ``"vgg19"`` → VGG-BN, ``"resnet20"`` … → the CIFAR ResNet of that depth."""
     if name == "lenet":
         return bm.models.lenet_bn(in_channels, num_classes)
     if name.startswith("vgg") and name[3:].isdigit():
         return bm.models.vgg_bn(int(name[3:]), in_channels, num_classes)
+    if name.startswith("resnet") and name[6:].isdigit():
+        return bm.models.resnet(int(name[6:]), in_channels, num_classes)
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 
