@@ -273,14 +273,15 @@ class Comm:
         for call, source in local:
             path, rule, module = call.path, call.rule, call.module
             dtype = solver.solve_dtype(call.input.dtype)
+            groups = rule.groups(module)  # (a grouped conv: one problem per group, shapes groups x ...)
             if k * source.samples <= source.d or send_rows:
                 rows = rule.input_rows(module, call.input.detach()).to(dtype)
                 row_parts.append(rows.reshape(-1))
-                row_plan.append((path, source.samples, source.d, source.batch))
+                row_plan.append((path, groups, source.samples, source.d, source.batch))
             else:
                 gram = source.gram(dtype)
-                gram_parts.append(gram[self._triangle(source.d)])
-                gram_plan.append((path, "gram", source.d, (source.samples, source.batch), gram.dtype))
+                gram_parts.append(gram[..., self._triangle(source.d)].reshape(-1))
+                gram_plan.append((path, "gram", (groups, source.d), (source.samples, source.batch), gram.dtype))
         for path, gram in affine:
             gram_parts.append(gram.reshape(-1))
             gram_plan.append((path, "affine", gram.numel(), None, gram.dtype))
@@ -316,7 +317,8 @@ class Comm:
             grams /= k
             for path, kind, size, counts, dtype in gram_plan:
                 if kind == "gram":  # kept packed (half the memory) until the layer's solve unpacks it
-                    numel = size * (size + 1) // 2
+                    groups, d = size
+                    numel = groups * d * (d + 1) // 2
                     samples, batch = counts
                     self._exchanged[path] = ("gram", grams[offset:offset + numel], size, (k * samples, k * batch),
                                              dtype)
@@ -325,10 +327,10 @@ class Comm:
                     self._exchanged[path] = ("affine", grams[offset:offset + numel].to(dtype))
                 offset += numel
         offset = 0
-        for path, count, d, batch in row_plan:
-            numel = count * d
-            everyone = torch.cat([part[offset:offset + numel].reshape(count, d) for part in gathered])
-            self._exchanged[path] = ("rows", everyone, k * batch, me * count)
+        for path, groups, count, d, batch in row_plan:
+            numel = groups * count * d
+            everyone = torch.cat([part[offset:offset + numel].reshape(groups, count, d) for part in gathered], 1)
+            self._exchanged[path] = ("rows", everyone[0] if groups == 1 else everyone, k * batch, me * count)
             offset += numel
 
     # ------------------------------------------------------------ backward
@@ -347,16 +349,17 @@ class Comm:
         """``(source, signals, exchange)`` for ``weights.solve``: the agreed Gram, or every rank's rows."""
         exchanged = self._agreed(path, "weights")
         if exchanged[0] == "gram":
-            _, packed, d, (samples, batch), dtype = exchanged
-            upper = packed.new_zeros(d, d)
-            upper[self._triangle(d)] = packed
-            return ExchangedGram((upper + upper.triu(1).T).to(dtype), samples, batch), signals, "gram"
+            _, packed, (groups, d), (samples, batch), dtype = exchanged
+            upper = packed.new_zeros(groups, d, d)
+            upper[..., self._triangle(d)] = packed.view(groups, -1)
+            gram = (upper + upper.triu(1).mT).to(dtype)
+            return ExchangedGram(gram[0] if groups == 1 else gram, samples, batch), signals, "gram"
         _, everyone, batch, start = exchanged
 
         def padded():  # this rank's signals in its own rows, zero elsewhere: Sᵀ A_all = g_r
             own = signals()
-            rows = own.new_zeros(everyone.shape[0], own.shape[1])
-            rows[start:start + own.shape[0]] = own
+            rows = own.new_zeros(*own.shape[:-2], everyone.shape[-2], own.shape[-1])
+            rows[..., start:start + own.shape[-2], :] = own
             return rows
 
         return ExplicitRows(everyone, batch), padded, "rows"

@@ -468,7 +468,7 @@ class Engine:
 
         if plain is None:
             with self.timing.part(path, "weight_grad"):
-                flat = local.times_rows(signals().T)  # g_W = Sᵀ A (eq. 7/21): the signals carry the loss's 1/B
+                flat = local.times_rows(signals().mT)  # g_W = Sᵀ A (eq. 7/21): the signals carry the loss's 1/B
             op.plain_grads = rule.unflatten(module, flat)
         else:
             flat, op.plain_grads = rule.flatten(module, plain), plain

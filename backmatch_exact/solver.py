@@ -51,6 +51,7 @@ class SolveInfo:
     damping: float  # absolute λ actually added to G
     residual: torch.Tensor | float  # ‖X (G + λI) - g_W‖ / ‖g_W‖ (a 0-d tensor until stats() reads it)
     fallback: str = ""  # non-empty when eigh failed and was retried
+    groups: int = 1  # independent problems solved in one batch (a grouped conv's)
 
 
 def solve_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -78,33 +79,36 @@ def absolute_damping(diagonal_mean: torch.Tensor, damping: float, relative: bool
 def factor_solve(matrix: torch.Tensor, rhs: torch.Tensor, layer: str = "", timing: Timing = NO_TIMING):
     """``rhs · matrix⁺`` for a symmetric PSD ``matrix`` (m x m) and ``rhs`` (r x m), both in the solve dtype.
 
-    Returns ``(x, path, rank, condition, fallback)`` with ``path`` "cholesky" or
-    "eigh" (see the module docstring for when each runs).
+    Both may carry one leading batch dimension (a grouped conv's independent problems, factored in one call).
+    Returns ``(x, path, rank, condition, fallback)`` with ``path`` "cholesky" or "eigh" (see the module
+    docstring for when each runs; one failing problem sends the whole batch to eigh), ``rank`` summed and
+    ``condition`` the largest over the batch.
     """
-    size, dtype = matrix.shape[0], matrix.dtype
+    size, dtype = matrix.shape[-1], matrix.dtype
     with timing.part(layer, "factor"):
         chol, info = torch.linalg.cholesky_ex(matrix)
-        pivots = torch.diagonal(chol)
-        condition = (pivots.max() / pivots.min()) ** 2
+        pivots = torch.diagonal(chol, dim1=-2, dim2=-1)
+        condition = ((pivots.amax(-1) / pivots.amin(-1)) ** 2).max()
     with timing.part(layer, "solve"):
-        x = torch.cholesky_solve(rhs.T, chol).T
+        x = torch.cholesky_solve(rhs.mT, chol).mT
         # one read-back for all three checks: a NaN or inf anywhere in x makes the second entry NaN
-        failed, condition = torch.stack([info.to(dtype), condition + 0.0 * x.sum()]).tolist()
+        failed, condition = torch.stack([info.abs().max().to(dtype), condition + 0.0 * x.sum()]).tolist()
     if failed == 0 and condition < max_cholesky_condition(dtype):
-        return x, "cholesky", size, condition, ""
+        return x, "cholesky", size * (matrix.numel() // (size * size)), condition, ""
     with timing.part(layer, "factor"):
         evals, evecs, fallback = _eigh(matrix, layer)
-        keep = evals > size * torch.finfo(dtype).eps * evals.max().clamp_min(0)
-        x = ((rhs @ evecs) * safe_divide(torch.ones_like(evals), evals, keep)) @ evecs.T
-        kept = evals[keep]
-        rank = kept.numel()
-        condition = float(kept.max() / kept.min()) if rank > 0 else float("inf")
+        keep = evals > size * torch.finfo(dtype).eps * evals.amax(-1, keepdim=True).clamp_min(0)
+        x = ((rhs @ evecs) * safe_divide(torch.ones_like(evals), evals, keep).unsqueeze(-2)) @ evecs.mT
+        rank = int(keep.sum())
+        kept_max = torch.where(keep, evals, -torch.inf).amax(-1)
+        kept_min = torch.where(keep, evals, torch.inf).amin(-1)
+        condition = float((kept_max / kept_min).max()) if bool(keep.any(-1).all()) else float("inf")
     return x, "eigh", rank, condition, fallback
 
 
 def _eigh(matrix: torch.Tensor, layer: str):
     """``(eigenvalues, eigenvectors, fallback)`` of ``matrix`` in its dtype; retried in float64, then with jitter."""
-    dtype = matrix.dtype
+    dtype, size = matrix.dtype, matrix.shape[-1]
     try:
         return *torch.linalg.eigh(matrix), ""
     except RuntimeError as first:  # e.g. cuSOLVER failing to converge on a float32 Gram
@@ -113,13 +117,13 @@ def _eigh(matrix: torch.Tensor, layer: str):
         evals, evecs = torch.linalg.eigh(matrix.double())
         fallback += "float64 retry"
     except RuntimeError:
-        jitter = torch.finfo(dtype).eps * float(torch.diagonal(matrix).mean().clamp_min(1e-30))
-        shifted = matrix.double() + jitter * torch.eye(matrix.shape[0], dtype=torch.float64, device=matrix.device)
+        jitter = torch.finfo(dtype).eps * float(torch.diagonal(matrix, dim1=-2, dim2=-1).mean().clamp_min(1e-30))
+        shifted = matrix.double() + jitter * torch.eye(size, dtype=torch.float64, device=matrix.device)
         try:
             evals, evecs = torch.linalg.eigh(shifted)
         except RuntimeError as last:
             raise SolveError(
-                f"layer {layer}: every factorization of its {matrix.shape[0]}x{matrix.shape[0]} matrix failed "
+                f"layer {layer}: every factorization of its {size}x{size} matrix failed "
                 f"({fallback}float64 retry and float64 with jitter {jitter:.3g} failed too)"
             ) from last
         fallback += f"float64 with jitter {jitter:.3g}"
@@ -137,20 +141,21 @@ def _check_finite(x: torch.Tensor, path: str, layer: str) -> None:
 
 def primal_solve(gram: torch.Tensor, grad: torch.Tensor, damping: float = 0.0, relative_damping: bool = True,
                  layer: str = "", timing: Timing = NO_TIMING) -> tuple[torch.Tensor, SolveInfo]:
-    """``g'_W = grad · (G + λI)⁺`` from the d x d Gram ``G = AᵀA / B``; the result has ``grad``'s dtype."""
+    """``g'_W = grad · (G + λI)⁺`` from the d x d Gram ``G = AᵀA / B`` (or a batch of them, one λ for all);
+    the result has ``grad``'s dtype."""
     dtype = solve_dtype(grad.dtype)
     g = grad.to(dtype)
     matrix = gram.to(dtype)
-    d = matrix.shape[0]
-    lam = absolute_damping(torch.diagonal(matrix).mean(), damping, relative_damping)
+    lam = absolute_damping(torch.diagonal(matrix, dim1=-2, dim2=-1).mean(), damping, relative_damping)
     if lam:
         matrix = matrix.clone()
-        matrix.diagonal().add_(lam)
+        matrix.diagonal(dim1=-2, dim2=-1).add_(lam)
     x, path, rank, condition, fallback = factor_solve(matrix, g, layer, timing)
     _check_finite(x, path, layer)
     with timing.part(layer, "solve"):  # (g = 0 gives x = 0 and a residual of 0)
-        residual = _relative_norm(torch.addmm(g, x, matrix, beta=-1), g)
-    return x.to(grad.dtype), SolveInfo(path, d, rank, condition, lam, residual, fallback)
+        residual = _relative_norm(x @ matrix - g, g)
+    return x.to(grad.dtype), SolveInfo(path, matrix.shape[-1], rank, condition, lam, residual, fallback,
+                                       _groups(matrix))
 
 
 def dual_solve(kernel: torch.Tensor, signals: torch.Tensor, grad: torch.Tensor, batch_size: int, times_rows,
@@ -163,16 +168,23 @@ def dual_solve(kernel: torch.Tensor, signals: torch.Tensor, grad: torch.Tensor, 
     decay, which lies outside A's row space); only its norm is read. λ comes
     from ``mean diag G = tr(K) / (B·d)``. The residual of the normal equations is
     ``‖R A‖ / ‖g‖`` with ``R = C (K + λB·I) - Sᵀ``, which is ``x (G + λI) - g``.
+    All may carry one leading batch dimension, as in :func:`primal_solve`.
     """
     dtype = solve_dtype(grad.dtype)
     kernel = kernel.to(dtype)
     s = signals.to(dtype)
     with timing.part(layer, "dual"):
-        lam = absolute_damping(torch.diagonal(kernel).sum() / (batch_size * d), damping, relative_damping)
+        diagonal = torch.diagonal(kernel, dim1=-2, dim2=-1)
+        lam = absolute_damping(diagonal.mean() * kernel.shape[-1] / (batch_size * d), damping, relative_damping)
         if lam:
-            kernel.diagonal().add_(lam * batch_size)
-        coeffs, path, rank, condition, fallback = factor_solve(kernel, s.T, layer)  # Sᵀ K⁺
+            diagonal.add_(lam * batch_size)
+        coeffs, path, rank, condition, fallback = factor_solve(kernel, s.mT, layer)  # Sᵀ K⁺
         x = batch_size * times_rows(coeffs)
         _check_finite(x, "dual-" + path, layer)
-        residual = _relative_norm(times_rows(torch.addmm(s.T, coeffs, kernel, beta=-1)), grad.to(dtype))
-    return x.to(grad.dtype), SolveInfo("dual-" + path, kernel.shape[0], rank, condition, lam, residual, fallback)
+        residual = _relative_norm(times_rows(coeffs @ kernel - s.mT), grad.to(dtype))
+    return x.to(grad.dtype), SolveInfo("dual-" + path, kernel.shape[-1], rank, condition, lam, residual, fallback,
+                                       _groups(kernel))
+
+
+def _groups(matrix: torch.Tensor) -> int:
+    return matrix.shape[0] if matrix.dim() == 3 else 1

@@ -63,16 +63,16 @@ class ExplicitRows(RowSource):
     """``A`` as a matrix (N x d)."""
 
     def __init__(self, rows: torch.Tensor, batch: int):
-        self.rows, self.batch = rows, batch
-        self.samples, self.d = rows.shape
+        self.rows, self.batch = rows, batch  # (N x d, or groups x N x d)
+        self.samples, self.d = rows.shape[-2:]
 
     def gram(self, dtype):
         rows = self.rows.to(dtype)
-        return rows.T @ rows / self.batch
+        return rows.mT @ rows / self.batch
 
     def kernel(self, dtype):
         rows = self.rows.to(dtype)
-        return rows @ rows.T
+        return rows @ rows.mT
 
     def times_rows(self, coeffs):
         return coeffs @ self.rows.to(coeffs.dtype)
@@ -83,7 +83,7 @@ class ExchangedGram(RowSource):
 
     def __init__(self, gram: torch.Tensor, samples: int, batch: int):
         self._gram, self.samples, self.batch = gram, samples, batch
-        self.d = gram.shape[0]
+        self.d = gram.shape[-1]
 
     def gram(self, dtype):
         return self._gram.to(dtype)
@@ -118,8 +118,9 @@ def solve(source: RowSource, plain: torch.Tensor, signals: Callable[[], torch.Te
     """
     if identity_scale is not None:
         total = plain + settings.weight_decay * weight if settings.weight_decay else plain
-        nan = float("nan")
-        return total / identity_scale, solver.SolveInfo("identity", source.d, source.d, nan, 0.0, nan)
+        nan, groups = float("nan"), total.shape[0] if total.dim() == 3 else 1
+        return total / identity_scale, solver.SolveInfo("identity", source.d, groups * source.d, nan, 0.0, nan,
+                                                        groups=groups)
     dtype = solver.solve_dtype(plain.dtype)
     if uses_dual(source, settings):
         with timing.part(layer, "gram"):
@@ -136,8 +137,9 @@ def solve(source: RowSource, plain: torch.Tensor, signals: Callable[[], torch.Te
 
 def stats_row(layer: str, kind: str, source: RowSource, outputs: int, info: solver.SolveInfo,
               amplification) -> dict:
-    """The row ``engine.stats()`` reports for one weight layer (see ``Engine.stats``)."""
+    """The row ``engine.stats()`` reports for one weight layer (see ``Engine.stats``; for a grouped layer
+    ``d`` is per group, ``rank`` summed over the groups, ``condition`` the largest)."""
     return {"layer": layer, "kind": kind, "d": source.d, "outputs": outputs, "samples": source.samples,
-            "batch": source.batch, "path": info.path, "rank": info.rank, "condition": info.condition,
+            "batch": source.batch, "groups": info.groups, "path": info.path, "rank": info.rank, "condition": info.condition,
             "residual": info.residual, "damping": info.damping, "amplification": amplification,
             "fallback": info.fallback}

@@ -194,3 +194,21 @@ def batchnorm_oracle(module: nn.Module, x: torch.Tensor, R) -> dict[str, np.ndar
         out["weight"] = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
         out["bias"] = r.sum(axis=dims) / locations
     return out
+
+
+def grouped_conv_weight_oracle(module: nn.Conv2d, x: torch.Tensor, R, damping: float = 0.0) -> dict[str, np.ndarray]:
+    """A grouped conv is ``groups`` independent convs: each group's outputs read only its inputs, so each group's
+    weights are :func:`weight_oracle` of that sub-convolution on its channels."""
+    g = module.groups
+    cin, cout = module.in_channels // g, module.out_channels // g
+    r = torch.as_tensor(to_np(R))
+    parts = []
+    for k in range(g):
+        sub = nn.Conv2d(cin, cout, module.kernel_size, module.stride, module.padding, module.dilation,
+                        bias=module.bias is not None).to(torch.float64)
+        with torch.no_grad():
+            sub.weight.copy_(module.weight[k * cout:(k + 1) * cout])
+            if module.bias is not None:
+                sub.bias.copy_(module.bias[k * cout:(k + 1) * cout])
+        parts.append(weight_oracle(sub, x[:, k * cin:(k + 1) * cin], r[:, k * cout:(k + 1) * cout], damping))
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}

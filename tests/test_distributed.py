@@ -168,11 +168,11 @@ def test_ddp_equals_single_process_on_the_concatenated_batch(spawned):
 
 # ------------------------------------------------ DDP on a branching network
 class _Residual(nn.Module):
-    """A BN-free residual network: ``relu(conv2(relu(conv1(x))) + x)``, its output pooled into a Linear."""
+    """A BN-free residual network, ``relu(conv2(relu(conv1(x))) + x)`` with a depthwise conv2, pooled into a Linear."""
 
     def __init__(self):
         super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+        self.conv1, self.conv2 = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1, groups=3)
         self.fc = nn.Linear(3 * 4 * 4, 3)
 
     def forward(self, x):
@@ -186,7 +186,7 @@ def _residual_net():
     return _Residual().double()
 
 
-RESIDUAL_CONFIGS = [("exact", {}), ("exact_weights", {"weight_decay": 0.01})]
+RESIDUAL_CONFIGS = [("exact", {}), ("exact_weights", {"weight_decay": 0.01}), ("exact", {"solve_method": "dual"})]
 
 
 def _residual_part(rank):

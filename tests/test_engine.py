@@ -236,9 +236,9 @@ def test_unsupported_module_is_named_at_attach():
         bm.attach(model)
 
 
-def test_grouped_conv_is_refused():
-    with pytest.raises(bm.UnsupportedModuleError, match="groups=2"):
-        bm.attach(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)))
+def test_conv_padding_modes_other_than_zeros_are_refused():
+    with pytest.raises(bm.UnsupportedModuleError, match=r"'0' \(Conv2d\): padding_mode='reflect'"):
+        bm.attach(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")))
 
 
 def test_parameters_outside_leaf_modules_are_refused():

@@ -214,6 +214,29 @@ def test_conv2d_many_input_channels(geometry, method):
         check_weights(layer, grads, oracle.weight_oracle(layer, x, R))
 
 
+@SETTINGS
+@given(case=conv_cases(), depthwise=st.booleans(), method=st.sampled_from(["auto", "primal", "dual"]), mu=mus)
+def test_grouped_and_depthwise_conv2d(case, depthwise, method, mu):
+    """groups = 2 (two independent convs) or groups = channels (depthwise): one problem per group, batched."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    cin = 2 * case["cin"] if not depthwise else case["cin"] + 1
+    groups = 2 if not depthwise else cin
+    cout = 2 * case["cout"] if not depthwise else cin
+    layer = randomize(nn.Conv2d(cin, cout, case["kernel"], stride=case["stride"], padding=case["padding"],
+                                dilation=case["dilation"], bias=case["bias"], groups=groups), gen)
+    x = randn(gen, case["batch"], cin, *case["size"])
+    with torch.no_grad():
+        R = randn(gen, *layer(x).shape)
+    subs = [nn.Conv2d(cin // groups, 1, case["kernel"], case["stride"], case["padding"], case["dilation"],
+                      bias=case["bias"])]
+    assume(all(oracle.well_posed(subs[0], x[:, k * (cin // groups):(k + 1) * (cin // groups)])
+               for k in range(groups)))
+    g_a, grads, stats, _ = run(layer, x, R, signal_damping=mu, solve_method=method)
+    assert_close(g_a, oracle.signal_oracle(layer, x, R, mu), what="g'_a")
+    check_weights(layer, grads, oracle.grouped_conv_weight_oracle(layer, x, R))
+    assert stats[0]["groups"] == groups and stats[0]["d"] == (cin // groups) * layer.weight[0, 0].numel() + case["bias"]
+
+
 # ------------------------------------------------------------------ pooling
 
 @SETTINGS

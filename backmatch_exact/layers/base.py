@@ -157,9 +157,10 @@ def mean_sq_row_norm(weight: torch.Tensor, place: ApproxPlace | None = None) -> 
     return squared_norm(weight, place) / weight.shape[0]
 
 
-def mean_sq_column_norm(weight: torch.Tensor, place: ApproxPlace | None = None) -> float:
-    """‖Wᵀ‖²_{2,µ} (‖W_col‖²_{2,µ} for a conv): mean over input channels of the squared norm of their weights."""
-    return squared_norm(weight, place) / weight.shape[1]
+def mean_sq_column_norm(weight: torch.Tensor, units: int, place: ApproxPlace | None = None) -> float:
+    """‖Wᵀ‖²_{2,µ} (‖W_col‖²_{2,µ} for a conv): mean over the ``units`` input units (channels) of the squared
+    norm of their outgoing weights."""
+    return squared_norm(weight, place) / units
 
 
 class WeightRule(LayerRule):
@@ -167,7 +168,10 @@ class WeightRule(LayerRule):
 
     Subclasses say how to lay the input out as rows ``A`` (N x d, a ones column
     for the bias) and the output signal as rows ``S`` (N x n); the solve itself
-    lives in ``solver.min_norm_solve``.
+    is ``weights.solve``. A layer made of ``groups`` independent blocks (a grouped
+    conv: each group of outputs reads only its group of inputs) has one such
+    problem per group: ``A`` (groups x N x d), ``S`` (groups x N x n), ``W̃``
+    (groups x n x d), solved in one batched call.
     """
 
     has_weights = True
@@ -181,18 +185,30 @@ class WeightRule(LayerRule):
         """S: one row per (sample, location), the signal at the outputs there."""
         raise NotImplementedError
 
+    def groups(self, module: nn.Module) -> int:
+        """How many independent weight problems the layer is (1 but for a grouped conv)."""
+        return 1
+
+    def input_units(self, module: nn.Module) -> int:
+        """Input units (features, channels): Algorithm 1's ``‖Wᵀ‖²_{2,µ}`` averages over them."""
+        raise NotImplementedError
+
     def flatten(self, module: nn.Module, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``{"weight": W, "bias": c}`` (shaped like the parameters) as the n x d matrix ``[W c]``, in the
-        column order of ``input_rows``; :meth:`unflatten` undoes it."""
+        """``{"weight": W, "bias": c}`` (shaped like the parameters) as the n x d matrix ``[W c]`` (one per
+        group), in the column order of ``input_rows``; :meth:`unflatten` undoes it."""
+        groups = self.groups(module)
         w = tensors["weight"].reshape(module.weight.shape[0], -1)
-        return torch.cat([w, tensors["bias"][:, None]], dim=1) if module.bias is not None else w
+        if module.bias is not None:
+            w = torch.cat([w, tensors["bias"][:, None]], dim=1)
+        return w if groups == 1 else w.reshape(groups, -1, w.shape[1])
 
     def flat_weight(self, module: nn.Module) -> torch.Tensor:
-        """``W̃ = [W c]`` as an n x d matrix."""
+        """``W̃ = [W c]`` as an n x d matrix (one per group)."""
         return self.flatten(module, {"weight": module.weight, "bias": module.bias})
 
     def unflatten(self, module: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Split an n x d matrix laid out like ``flat_weight`` back into per-parameter gradients."""
+        """Split a matrix laid out like ``flat_weight`` back into per-parameter gradients."""
+        flat = flat.reshape(module.weight.shape[0], -1)
         k = module.weight[0].numel()
         grads = {"weight": flat[:, :k].reshape(module.weight.shape)}
         if module.bias is not None:
@@ -215,7 +231,7 @@ class WeightRule(LayerRule):
         """Switch ``columns``: every denominator becomes the mean ``‖Wᵀ‖²_{2,µ}``; ``conv_factor``: divided by c."""
         if not (switches.columns or switches.conv_factor):
             return super().denominator(module, a, signal_damping, switches, factors)
-        col_sq = (a.new_tensor(mean_sq_column_norm(module.weight)) if switches.columns
+        col_sq = (a.new_tensor(mean_sq_column_norm(module.weight, self.input_units(module))) if switches.columns
                   else self.column_sq_norms(module, a))
         if switches.conv_factor:
             col_sq = col_sq / factors.location_factor
@@ -237,5 +253,5 @@ class UnitRatioRule(LayerRule):
 
 
 def append_ones_column(rows: torch.Tensor) -> torch.Tensor:
-    """``[A 1]``: the bias is a weight on a constant input 1."""
-    return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    """``[A 1]`` (each of a batch of A): the bias is a weight on a constant input 1."""
+    return torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)

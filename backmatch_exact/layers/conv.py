@@ -37,10 +37,6 @@ def _int_padding(module: nn.Conv2d) -> tuple[int, int]:
 
 class Conv2dRule(WeightRule):
     def check(self, module: nn.Conv2d, path: str) -> None:
-        if module.groups != 1:
-            raise UnsupportedModuleError(
-                f"layer {path!r} (Conv2d): groups={module.groups} is not supported, only groups=1"
-            )
         if module.padding_mode != "zeros":
             raise UnsupportedModuleError(
                 f"layer {path!r} (Conv2d): padding_mode={module.padding_mode!r} is not supported, only 'zeros'"
@@ -62,26 +58,44 @@ class Conv2dRule(WeightRule):
         ph, pw = _int_padding(module)
         rows = _reads(height, out_h, kh, sh, dh, ph, w_sq.dtype, w_sq.device)
         cols = _reads(width, out_w, kw, sw, dw, pw, w_sq.dtype, w_sq.device)
-        return (rows @ w_sq.sum(0) @ cols.T)[None]
+        groups = module.groups  # (input channel j's outgoing weights are its group's outputs only)
+        per_input = w_sq.reshape(groups, -1, *w_sq.shape[1:]).sum(1).reshape(-1, *w_sq.shape[2:])
+        return (rows @ per_input @ cols.T)[None]
 
     def input_rows(self, module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+        """A, rows (sample, location) in ``signal_rows``' order; groups x N x d for a grouped conv."""
         _check_4d(module, a)
         cols = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=_int_padding(module),
                         stride=module.stride)  # (B, d, L): eq. 19's a_i2c per sample
-        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-        return append_ones_column(rows) if module.bias is not None else rows
+        groups = module.groups
+        rows = cols.reshape(cols.shape[0], groups, -1, cols.shape[2]).permute(1, 0, 3, 2).reshape(
+            groups, -1, cols.shape[1] // groups)
+        rows = append_ones_column(rows) if module.bias is not None else rows
+        return rows[0] if groups == 1 else rows
 
     def signal_rows(self, module: nn.Conv2d, g_b: torch.Tensor) -> torch.Tensor:
-        return g_b.flatten(2).transpose(1, 2).reshape(-1, module.out_channels)
+        groups = module.groups
+        rows = g_b.reshape(g_b.shape[0], groups, -1, g_b.shape[2] * g_b.shape[3]).permute(1, 0, 3, 2).reshape(
+            groups, -1, module.out_channels // groups)
+        return rows[0] if groups == 1 else rows
+
+    def groups(self, module: nn.Conv2d) -> int:
+        return module.groups
+
+    def input_units(self, module: nn.Conv2d) -> int:
+        return module.in_channels
 
     def approx_ratio(self, module: nn.Conv2d, place) -> float:
-        return mean_sq_column_norm(module.weight, place) / self.location_factor(module, place)  # eq. 35
+        ratio = mean_sq_column_norm(module.weight, module.in_channels, place)
+        return ratio / self.location_factor(module, place)  # eq. 35
 
     def location_factor(self, module: nn.Conv2d, place) -> float:
         return place.input_shape[-2] * place.input_shape[-1] / place.sharing
 
-    def row_source(self, module: nn.Conv2d, a: torch.Tensor) -> "ConvRows":
+    def row_source(self, module: nn.Conv2d, a: torch.Tensor) -> RowSource:
         _check_4d(module, a)
+        if module.groups > 1:  # the groups' im2col rows, all problems in one batch
+            return ExplicitRows(self.input_rows(module, a), a.shape[0])
         return ConvRows(module, a)
 
     def autograd_weight_grads(self, module: nn.Conv2d, node):

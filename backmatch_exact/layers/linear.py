@@ -27,4 +27,7 @@ class LinearRule(WeightRule):
         return g_b.reshape(-1, module.out_features)
 
     def approx_ratio(self, module: nn.Linear, place) -> float:
-        return mean_sq_column_norm(module.weight, place)  # eq. 34
+        return mean_sq_column_norm(module.weight, module.in_features, place)  # eq. 34
+
+    def input_units(self, module: nn.Linear) -> int:
+        return module.in_features
