@@ -306,71 +306,167 @@ def gradient_spread(rows: list[dict]) -> dict[str, dict]:
     return spread
 
 
-def findings(rows: list[dict], checks: dict, dtype: str = "float64") -> list[str]:
-    """Sentences with the measured numbers, for ``report.md`` and ``summary.json``."""
+def _number(value, fmt: str = "{:.3g}") -> str:
+    """``value`` formatted, or "–" where it is not a finite number (a quantity the layer does not have)."""
+    return fmt.format(value) if isinstance(value, (int, float)) and math.isfinite(value) else "–"
+
+
+def _largest_factor(rows: list[dict], key: str) -> tuple[float, dict | None]:
+    """The largest factor ``max(v, 1/v)`` of a ratio column over ``rows``, and its row."""
+    rated = [(10 ** abs(math.log10(r[key])), r) for r in rows if math.isfinite(r[key]) and r[key] > 0]
+    return max(rated, key=lambda fr: fr[0]) if rated else (math.nan, None)
+
+
+def findings(rows: list[dict], checks: dict, dtype: str = "float64") -> list[dict]:
+    """What the run shows, for ``report.md`` and ``summary.json``: per finding a one-sentence ``conclusion``
+    and the measured ``numbers`` behind it."""
     steps = sorted({r["step"] for r in rows})
     first, last = steps[0], steps[-1]
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     at = {step: {r["layer"]: r for r in rows if r["step"] == step} for step in steps}
     out = []
 
-    def per_layer(step, key, fmt="{:.3f}"):
-        return ", ".join(f"{layer} {fmt.format(at[step][layer][key])}" for layer in layers)
+    def add(conclusion: str, numbers: str) -> None:
+        out.append({"conclusion": conclusion, "numbers": numbers})
 
-    out.append(f"cosine(exact g'_W, approx g̃_W) at step {first}: {per_layer(first, 'cosine')}; "
-               f"at step {last}: {per_layer(last, 'cosine')}.")
+    def per_layer(step, key, fmt="{:.3f}"):
+        return ", ".join(f"{layer} {_number(at[step][layer][key], fmt)}" for layer in layers)
+
+    def at_steps(key, fmt="{:.3f}"):
+        text = f"at step {first}: {per_layer(first, key, fmt)}"
+        return text + (f"; at step {last}: {per_layer(last, key, fmt)}" if last != first else "")
+
     cos_all = _finite(r["cosine"] for r in rows)
     worst = min(rows, key=lambda r: r["cosine"] if math.isfinite(r["cosine"]) else 2.0)
-    out.append(f"Over all {len(steps)} checkpoints the cosine ranges from {min(cos_all):.3f} to {max(cos_all):.3f} "
-               f"(mean {np.mean(cos_all):.3f}); the lowest is {worst['layer']} at step {worst['step']}. "
-               "Algorithm 1 only rescales the backprop gradient, so this equals cosine(exact, backprop) "
-               f"(largest gap between the two columns: {max(abs(r['cosine'] - r['cos_bp_exact']) for r in rows):.1e}).")
-    out.append(f"Norm ratio ‖g̃‖/‖g'‖ at step {first}: {per_layer(first, 'norm_ratio', '{:.3g}')}; "
-               f"at step {last}: {per_layer(last, 'norm_ratio', '{:.3g}')}.")
-    out.append(f"Backward factor at each weight layer's input, m_approx/m_exact at step {first}: "
-               f"{per_layer(first, 'm_ratio', '{:.3g}')}; at step {last}: {per_layer(last, 'm_ratio', '{:.3g}')} "
-               "(1 = Algorithm 1 predicts the exact signal scale).")
+    lowest = min(cos_all, default=math.nan)
+    if lowest >= 0.99:
+        conclusion = f"Algorithm 1 points where exact back-matching does: cosine at least {lowest:.3f} everywhere."
+    elif lowest >= 0.9:
+        conclusion = (f"Algorithm 1 points roughly where exact back-matching does, least so at {worst['layer']} "
+                      f"(cosine {lowest:.3f} at step {worst['step']}).")
+    else:
+        conclusion = (f"Algorithm 1's direction departs from exact back-matching's: the cosine drops to "
+                      f"{_number(lowest, '{:.3f}')} at {worst['layer']} (step {worst['step']}).")
+    add(conclusion, f"cosine(exact g'_W, approx g̃_W) {at_steps('cosine')}; mean over the {len(steps)} "
+        f"checkpoints {_number(_mean(cos_all), '{:.3f}')}. Algorithm 1 only rescales the backprop gradient, so "
+        "this equals cosine(exact, backprop) (largest gap between the two columns: "
+        f"{max(abs(r['cosine'] - r['cos_bp_exact']) for r in rows):.1e}).")
+
+    factor, row = _largest_factor(rows, "norm_ratio")
+    if row is None or factor < 1.5:
+        conclusion = f"Algorithm 1's step sizes match exact back-matching's within a factor {_number(factor)}."
+    else:
+        conclusion = (f"Algorithm 1's step size is off by up to a factor {factor:.3g}: "
+                      f"{'larger' if row['norm_ratio'] > 1 else 'smaller'} than exact at {row['layer']} "
+                      f"(step {row['step']}).")
+    add(conclusion, f"Norm ratio ‖g̃‖/‖g'‖ {at_steps('norm_ratio', '{:.3g}')}.")
+
+    factor, row = _largest_factor(rows, "m_ratio")
+    if row is None or factor < 1.5:
+        conclusion = f"Algorithm 1 predicts the exact signal scale at every weight layer's input within a factor " \
+                     f"{_number(factor)}."
+    else:
+        conclusion = (f"Algorithm 1 {'over' if row['m_ratio'] > 1 else 'under'}estimates the backward factor at "
+                      f"{row['layer']}'s input by up to a factor {factor:.3g} (step {row['step']}).")
+    add(conclusion, f"Backward factor at each weight layer's input, m_approx/m_exact {at_steps('m_ratio', '{:.3g}')} "
+        "(1 = Algorithm 1 predicts the exact signal scale).")
+
     costs = ablation_costs(rows)
-    only = sorted(Approximations.names(), key=lambda n: -costs[f"only_{n}"]["mean_1_minus_cos"])
-    only_scale = sorted(Approximations.names(), key=lambda n: -costs[f"only_{n}"]["mean_abs_log10_ratio"])
-    fix = sorted(Approximations.names(), key=lambda n: costs[f"without_{n}"]["mean_1_minus_cos"])
-    out.append("Switched on alone, the approximation that moves the direction most is "
-               f"{only[0]} (mean 1 - cosine {costs[f'only_{only[0]}']['mean_1_minus_cos']:.3f}), then "
-               + ", ".join(f"{n} ({costs[f'only_{n}']['mean_1_minus_cos']:.3f})" for n in only[1:]) + ".")
-    out.append("Switched on alone, the one that moves the scale most is "
-               f"{only_scale[0]} (mean |log10 norm ratio| "
-               f"{costs[f'only_{only_scale[0]}']['mean_abs_log10_ratio']:.3f}, i.e. a factor "
-               f"{10 ** costs[f'only_{only_scale[0]}']['mean_abs_log10_ratio']:.2f}), then "
-               + ", ".join(f"{n} ({costs[f'only_{n}']['mean_abs_log10_ratio']:.3f})" for n in only_scale[1:]) + ".")
-    out.append(f"Removing {fix[0]} from Algorithm 1 (keeping the rest) brings it closest to exact: mean 1 - cosine "
-               f"{costs[f'without_{fix[0]}']['mean_1_minus_cos']:.3f} versus "
-               f"{_mean(1.0 - r['cosine'] for r in rows):.3f} for full Algorithm 1.")
+    names = Approximations.names()
+
+    def ranked(prefix, what, fmt="{:.3f}"):
+        order = sorted(names, key=lambda n: -_nan_low(costs[f"{prefix}_{n}"][what]))
+        return order, ", ".join(f"{n} {_number(costs[f'{prefix}_{n}'][what], fmt)}" for n in order)
+
+    only, text = ranked("only", "mean_1_minus_cos")
+    add(f"Made alone, {only[0]} is the approximation that moves the gradient's direction most.",
+        f"Mean 1 − cosine to exact with one approximation made: {text}.")
+    only, text = ranked("only", "mean_abs_log10_ratio")
+    scale = costs[f"only_{only[0]}"]["mean_abs_log10_ratio"]
+    add(f"Made alone, {only[0]} is the one that moves the step size most (by a factor "
+        f"{_number(10 ** scale if math.isfinite(scale) else scale, '{:.2f}')} on average).",
+        f"Mean |log10 norm ratio| to exact with one approximation made: {text}.")
+    _, text = ranked("without", "mean_1_minus_cos")
+    full = _mean(1.0 - r["cosine"] for r in rows)
+    measured = {n: costs[f"without_{n}"]["mean_1_minus_cos"] for n in names}
+    best = min(names, key=lambda n: (not math.isfinite(measured[n]), measured[n]))  # NaN: could not measure
+    if measured[best] < full:
+        conclusion = f"Computing {best} exactly would bring Algorithm 1 closest to exact back-matching."
+    else:
+        conclusion = "No single approximation is to blame: undoing any one of them leaves Algorithm 1 as far " \
+                     "from exact back-matching."
+    add(conclusion, f"Mean 1 − cosine to exact of full Algorithm 1 {_number(full, '{:.3f}')}; of Algorithm 1 "
+        f"without one approximation: {text}.")
+
     spread = gradient_spread(rows)
-    out.append("Spread of ‖g_W‖/‖W‖ over layers (max/min) at step "
-               f"{first}: BP {spread[first]['bp']:.3g}, exact {spread[first]['exact']:.3g}, approx "
-               f"{spread[first]['approx']:.3g}; at step {last}: BP {spread[last]['bp']:.3g}, exact "
-               f"{spread[last]['exact']:.3g}, approx {spread[last]['approx']:.3g}.")
-    amp = max(rows, key=lambda r: r["amplification"])
-    out.append(f"Largest signal amplification (mean/min column norm): {amp['amplification']:.3g} at {amp['layer']}, "
-               f"step {amp['step']}; denominators' std/mean at step {last}: {per_layer(last, 'den_std_mean', '{:.2f}')}.")
-    gram = [r for r in rows if r["step"] == last]
-    out.append(f"G ≈ s·I check at step {last}, mean diag(G)/s: {per_layer(last, 'gram_scale', '{:.3g}')}; "
-               f"off-diagonal/diagonal norm: {per_layer(last, 'gram_offdiag', '{:.3g}')}.")
+    exact, bp = spread[last]["exact"], spread[last]["bp"]
+    if math.isfinite(exact) and math.isfinite(bp) and exact != bp:
+        conclusion = (f"Exact back-matching {'evens out' if exact < bp else 'spreads out'} the gradient size "
+                      f"relative to the weights across layers, compared with backprop (step {last}).")
+    else:
+        conclusion = f"Exact back-matching and backprop spread the relative gradient size alike (step {last})."
+
+    def spreads(step):
+        return ", ".join(f"{name} {_number(spread[step][method])}"
+                         for name, method in (("BP", "bp"), ("exact", "exact"), ("approx", "approx")))
+
+    add(conclusion, f"Max/min of ‖g_W‖/‖W‖ over layers at step {first}: {spreads(first)}"
+        + (f"; at step {last}: {spreads(last)}." if last != first else "."))
+
+    amp = max(rows, key=lambda r: _nan_low(r["amplification"]))
+    add(f"Exact back-matching gives a layer's weakest unit up to {_number(amp['amplification'])} times the "
+        f"average unit's signal ({amp['layer']}, step {amp['step']}).",
+        f"Largest mean/min squared column norm per layer at step {last}: "
+        f"{per_layer(last, 'amplification', '{:.3g}')}; denominators' std/mean: "
+        f"{per_layer(last, 'den_std_mean', '{:.2f}')}.")
+
+    gram = list(at[last].values())
+    scale_factor, _ = _largest_factor(gram, "gram_scale")
+    offdiag = max(_finite(r["gram_offdiag"] for r in gram), default=math.nan)
+    holds = scale_factor <= 2 and offdiag <= 0.5
+    add(f"Approximation (a), G ≈ s·I, {'roughly holds' if holds else 'does not hold'} at step {last}: the scale "
+        f"is off by up to a factor {_number(scale_factor)}, the off-diagonal part up to {_number(offdiag)} of "
+        "the diagonal.",
+        f"Mean diag(G)/s: {per_layer(last, 'gram_scale', '{:.3g}')}; off-diagonal/diagonal norm: "
+        f"{per_layer(last, 'gram_offdiag', '{:.3g}')}.")
+
     bn = [r for r in gram if math.isfinite(r["bn_var_ratio"])]
     if bn:
-        out.append(f"BN Var[a] / ‖W‖²_{{2,µ}} at step {last}: "
-                   + ", ".join(f"{r['layer']} {r['bn_var_ratio']:.3g}" for r in bn) + ".")
+        bn_factor, _ = _largest_factor(bn, "bn_var_ratio")
+        missing = [r["layer"] for r in gram if not math.isfinite(r["bn_var_ratio"])]
+        add(f"Approximation (c), Var[a] ≈ ‖W‖²_{{2,µ}} at the BatchNorm after a layer, is off by up to a factor "
+            f"{_number(bn_factor)} at step {last}.",
+            "Mean Var[a] / ‖W‖²_{2,µ}: " + ", ".join(f"{r['layer']} {r['bn_var_ratio']:.3g}" for r in bn)
+            + (f" ({', '.join(missing)}: no BatchNorm after it)." if missing else "."))
+
     f32 = _finite(r["f32_rel_diff"] for r in rows)
     if f32:
         worst = max((r for r in rows if math.isfinite(r["f32_rel_diff"])), key=lambda r: r["f32_rel_diff"])
-        out.append(f"float32 vs {dtype} exact gradients: relative difference at most "
-                   f"{worst['f32_rel_diff']:.1e} ({worst['layer']}, step {worst['step']}; condition of G there "
-                   f"{worst['condition']:.3g}), median {np.median(f32):.1e}.")
-    out.append("Cross-checks, largest relative difference over layers and checkpoints: fast exact backend vs "
-               f"reference backend {checks['reference_vs_exact']:.1e}, approx mode vs exact with every "
-               f"approximation switched on {checks['switches_vs_approx']:.1e}, bp mode vs autograd "
-               f"{checks['bp_mode_vs_autograd']:.1e}.")
+        if worst["f32_rel_diff"] < 1e-3:
+            conclusion = (f"float32 is enough for the exact gradients: they differ from {dtype} by at most "
+                          f"{worst['f32_rel_diff']:.1e}.")
+        else:
+            conclusion = (f"float32 is not enough for the exact gradients everywhere: they differ from {dtype} by "
+                          f"up to {worst['f32_rel_diff']:.1e} at {worst['layer']} (step {worst['step']}).")
+        add(conclusion, f"Relative difference float32 vs {dtype}: largest {worst['f32_rel_diff']:.1e} "
+            f"({worst['layer']}, step {worst['step']}; condition of G there {worst['condition']:.3g}), "
+            f"median {np.median(f32):.1e}.")
+
+    gap = max(checks[key] for key in CHECKS)
+    if gap < 1e-6:
+        conclusion = f"The engine agrees with its independent cross-checks (largest relative difference {gap:.1e})."
+    else:
+        conclusion = (f"The engine disagrees with a cross-check (largest relative difference {gap:.1e}): "
+                      "treat the numbers above with suspicion.")
+    add(conclusion, "Largest relative difference over layers and checkpoints: fast exact backend vs reference "
+        f"backend {checks['reference_vs_exact']:.1e}, approx mode vs exact with every approximation switched on "
+        f"{checks['switches_vs_approx']:.1e}, bp mode vs autograd {checks['bp_mode_vs_autograd']:.1e}.")
     return out
+
+
+def _nan_low(value: float) -> float:
+    """Sort key: ``value``, with NaN below everything."""
+    return value if math.isfinite(value) else -math.inf
 
 
 # --------------------------------------------------------------------------------------------------
@@ -531,20 +627,30 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
-    def cell(v):
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    def cell(value):
+        return _number(value) if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
+def _ablation_meaning(key: str) -> str:
+    """What an ablation setting is: exact + one approximation, or Algorithm 1 without one."""
+    kind, name = key.split("_", 1)
+    if kind == "only":
+        return f"exact + {name}: {DESCRIPTIONS[name]}"
+    return f"Algorithm 1 without {name}, i.e. every approximation but this one: {DESCRIPTIONS[name]}"
+
+
 def report(summary: dict, rows: list[dict]) -> str:
-    """``report.md``: settings, findings in numbers, per-layer tables and the plots."""
+    """``report.md``: settings, findings (a conclusion, then its numbers), per-layer tables and the plots."""
     s = summary["settings"]
     last = max(r["step"] for r in rows)
     first = min(r["step"] for r in rows)
     costs = summary["ablation_costs"]
+    stopped = summary.get("stopped")
+    no_bn = [r["layer"] for r in rows if r["step"] == last and not math.isfinite(r["bn_var_ratio"])]
     parts = [
         "# Exact back-matching vs Algorithm 1",
         "",
@@ -554,9 +660,11 @@ def report(summary: dict, rows: list[dict]) -> str:
         f"λ = {s['damping']}, signal damping μ = {s['signal_damping']}. Total time "
         f"{summary['timing_s']['total']:.0f} s ({summary['timing_s']['evaluation']:.0f} s evaluating).",
         "",
+        *([f"**Stopped early** ({stopped['why']}: {stopped['message']}): the findings cover the "
+           f"{len(summary['checkpoints'])} checkpoints up to step {last}.", ""] if stopped else []),
         "## Findings",
         "",
-        *[f"- {line}" for line in summary["findings"]],
+        *[f"- **{f['conclusion']}** {f['numbers']}" for f in summary["findings"]],
         "",
         f"## Per layer at step {first} and step {last}",
         "",
@@ -564,12 +672,15 @@ def report(summary: dict, rows: list[dict]) -> str:
                ["step", "layer", "cosine", "norm_ratio", "m_exact", "m_approx", "rel_bp", "rel_exact", "rel_approx",
                 "amplification", "den_std_mean", "gram_scale", "bn_var_ratio"]),
         "",
+        "– : no value." + (f" bn_var_ratio is measured at the BatchNorm after a layer, and {', '.join(no_bn)} has "
+                           "none after it." if no_bn else ""),
+        "",
         "## Ablations",
         "",
-        "Each row is exact back-matching with one approximation switched on (`only_*`), or Algorithm 1 with one "
-        "switched off (`without_*`), compared with exact: mean over layers and checkpoints.",
+        "Each row is exact back-matching with one of Algorithm 1's approximations made (`only_*`), or Algorithm 1 "
+        "with one of them undone (`without_*`), compared with exact: mean over layers and checkpoints.",
         "",
-        _table([{"setting": key, "meaning": DESCRIPTIONS[key.split("_", 1)[1]],
+        _table([{"setting": key, "meaning": _ablation_meaning(key),
                  "mean 1-cos": costs[key]["mean_1_minus_cos"],
                  "mean abs log10 norm ratio": costs[key]["mean_abs_log10_ratio"]} for key in costs],
                ["setting", "meaning", "mean 1-cos", "mean abs log10 norm ratio"]),
@@ -581,7 +692,8 @@ def report(summary: dict, rows: list[dict]) -> str:
         "layer's input (backprop over exact signal), `m_approx` = Algorithm 1's m·r there; `rel_*` = ‖g_W‖/‖W‖; "
         "`amplification` = mean/min signal denominator (engine stats); `den_*` = spread of the per-unit "
         "denominators; `gram_scale` = mean diag(G)/s; `bn_var_ratio` = mean Var[a]/‖W‖²_{2,µ} at the BatchNorm "
-        "after the layer; `f32_cosine` = float32 exact vs the evaluation dtype's; `only_*`/`without_*` = ablations.",
+        "after the layer (nan when there is none); `f32_cosine` = float32 exact vs the evaluation dtype's; "
+        "`only_*`/`without_*` = ablations.",
         "",
     ]
     return "\n".join(parts)
@@ -590,7 +702,7 @@ def report(summary: dict, rows: list[dict]) -> str:
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``backmatch compare``."""
     summary = run(args)
-    print("\n".join(summary["findings"]))
+    print("\n".join(f"{f['conclusion']} {f['numbers']}" for f in summary["findings"]))
     print(f"wrote {args.out}/layers.csv, summary.json, report.md and {len(summary['figures'])} plots "
           f"in {summary['timing_s']['total']:.0f} s")
     return 0
