@@ -1,4 +1,4 @@
-"""``backmatch train``: sweeps, resuming to identical numbers, Ctrl-C, divergence as a result."""
+"""``backmatch train``: sweeps, resuming to identical numbers, Ctrl-C, divergence and instability as results."""
 
 import argparse
 import json
@@ -94,13 +94,13 @@ def test_a_diverging_config_is_a_result(tmp_path):
     assert sorted(l["config"] for l in diverged) == ["exact_lrinf_d0_sd1_seed0", "sgd_lrinf_seed0"]
     for line in diverged:
         assert line["step"] == 2 and line["epoch"] == 1  # the first step is finite, its update is not
-        assert math.isfinite(line["last_finite_loss"])
+        assert math.isfinite(line["last_finite_loss"]) and line["status"] == "diverged"
     exact = next(l for l in diverged if l["optim"] == "exact")
     assert exact["reason"].startswith("NonFiniteError")
     finished = [l["config"] for l in lines if not l["diverged"]]
     assert finished == ["sgd_lr0.05_seed0"] * 2 + ["exact_lr0.05_d0_sd1_seed0"] * 2
     summary = (out / "summary.md").read_text()
-    assert "**1/1**" in summary and "sgd lr=inf" in summary and (out / "curves.png").stat().st_size > 0
+    assert "**diverged 1/1**" in summary and "sgd lr=inf" in summary and (out / "curves.png").stat().st_size > 0
 
     # resuming leaves diverged configs alone
     args.resume = True
@@ -116,6 +116,20 @@ def test_refuses_to_mix_runs(tmp_path):
     with pytest.raises(SystemExit, match="batch_size"):
         train.main(_args(out, "--train-subset", "64", "--epochs", "1", "--resume", "--batch-size", "32"))
     assert train.main(_args(out, "--train-subset", "64", "--epochs", "1", "--overwrite")) == 0
+
+
+def test_unstable_is_told_from_diverged_and_done(tmp_path):
+    """A finite run whose last epoch ends above its first step's loss is "unstable"."""
+    out = tmp_path / "run"
+    assert train.main(_args(out, "--optim", "sgd", "exact", "--lr", "0.05", "3", "--train-subset", "128",
+                            "--epochs", "2")) == 0
+    last = {line["config"]: line for line in train.read_results(out / "results.jsonl")}
+    for key, line in last.items():
+        first_step = line["initial_loss"]
+        assert line["status"] == ("unstable" if line["train_loss"] > first_step else "done"), key
+    assert last["sgd_lr3_seed0"]["status"] == "unstable" and last["sgd_lr0.05_seed0"]["status"] == "done"
+    table = (out / "summary.md").read_text()
+    assert "**unstable 1/1** (seed 0: train loss" in table and "done 1/1" in table
 
 
 def test_sweep_expansion():

@@ -13,8 +13,9 @@ how they turn gradients into steps. Optimizers:
 
 Output folder:
 
-``results.jsonl``   one JSON line per configuration and finished epoch (flushed as it goes);
-                    a diverged configuration gets a last line with ``"diverged": true``
+``results.jsonl``   one strict-JSON line per configuration and finished epoch (flushed as it goes),
+                    with the configuration's ``"status"`` after that epoch (below); a diverged
+                    configuration gets a last line with ``"diverged": true``
 ``checkpoints/``    per configuration: model, optimizer, generator and RNG state, epoch —
                     what ``--resume`` continues from (to the same numbers as an uninterrupted run)
 ``args.json``       the options of the run
@@ -24,6 +25,13 @@ Output folder:
 A configuration that diverges — a non-finite loss (or one above ``--max-loss``),
 or the engine raising ``NonFiniteError`` / ``SolveError`` — is recorded with its
 step and last finite loss, and the run goes on with the next configuration.
+
+``"status"`` of a configuration: ``"diverged"`` as above; ``"unstable"`` when it
+finished but its last epoch's mean training loss is above its *initial loss*, the
+loss of its first training step (the first mini-batch, on the initial weights:
+``"initial_loss"`` in every line); ``"done"`` otherwise. ``summary.md`` counts
+them per configuration. An exact run with λ = μ = 0 is warned about at the start:
+it usually ends unstable or diverged.
 
 Several processes (``torchrun --nproc_per_node N -m backmatch_exact.cli train ...``):
 the model is wrapped in ``DistributedDataParallel`` ("gloo" on CPU, "nccl" on
@@ -284,8 +292,9 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
 
     ``tensors``: ``x_train, y_train, x_test, y_test`` on the device, plus
     ``in_channels`` and ``num_classes``. Appends one line per epoch to
-    ``out/results.jsonl`` and checkpoints after each (rank 0 only). Returns
-    ``"done"`` or ``"diverged"``. A KeyboardInterrupt loses only the epoch in progress.
+    ``out/results.jsonl`` and checkpoints after each (rank 0 only). Returns the
+    configuration's status: ``"done"``, ``"unstable"`` or ``"diverged"`` (module
+    docstring). A KeyboardInterrupt loses only the epoch in progress.
     """
     ckpt_path = _checkpoint_path(out, config)
     ckpt = ranks.from_leader(_load_checkpoint(ckpt_path) if ranks.leader else None)
@@ -302,7 +311,7 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
     optimizer, engine = make_optimizer(config.optim, net, config.lr, args.momentum, args.nesterov,
                                        args.weight_decay, config.damping, config.signal_damping)
     generator = torch.Generator().manual_seed(config.seed)
-    epoch, step, wall, last_loss = 0, 0, 0.0, None
+    epoch, step, wall, last_loss, initial_loss, status = 0, 0, 0.0, None, None, "done"
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -311,6 +320,7 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
         if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         epoch, step, wall, last_loss = ckpt["epoch"], ckpt["step"], ckpt["wall_time_s"], ckpt["last_loss"]
+        initial_loss = ckpt.get("initial_loss")
     base = dataclasses.asdict(config) | {"config": config.key, "label": config.label}
     x_train, y_train = tensors["x_train"], tensors["y_train"]
     n = len(y_train)
@@ -349,6 +359,8 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
                     raise Diverged(step, f"{type(err).__name__}: {err}") from None
                 optimizer.step()
                 last_loss = value
+                if step == 1:
+                    initial_loss = value
                 max_loss = max(max_loss, value)
                 loss_sum += local * len(y)
                 correct += int((logits.detach().argmax(1) == y).sum())
@@ -361,13 +373,16 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
             epoch += 1
             epoch_time = time.perf_counter() - tick
             wall += epoch_time
+            status = "unstable" if initial_loss is not None and loss_sum / seen > initial_loss else "done"
             record = base | {"epoch": epoch, "step": step, "lr_now": lr_now, "train_loss": loss_sum / seen,
-                             "max_train_loss": max_loss, "train_acc": correct / seen, "test_loss": test_loss,
-                             "test_acc": test_acc, "epoch_time_s": epoch_time, "wall_time_s": wall, "diverged": False}
+                             "initial_loss": initial_loss, "max_train_loss": max_loss, "train_acc": correct / seen,
+                             "test_loss": test_loss, "test_acc": test_acc, "epoch_time_s": epoch_time,
+                             "wall_time_s": wall, "status": status, "diverged": False}
             if ranks.leader:
                 _append_line(out / "results.jsonl", record)
                 _atomic_save({"config": dataclasses.asdict(config), "status": "running", "epoch": epoch,
-                              "step": step, "wall_time_s": wall, "last_loss": last_loss, "model": model.state_dict(),
+                              "step": step, "wall_time_s": wall, "last_loss": last_loss,
+                              "initial_loss": initial_loss, "model": model.state_dict(),
                               "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                               "torch_rng": torch.get_rng_state(),
                               "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -375,12 +390,15 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
             if progress is not None:
                 progress.update(1)
                 progress.write(f"{config.label} seed {config.seed} epoch {epoch}: train loss "
-                               f"{record['train_loss']:.4f}, test acc {test_acc:.4f} ({epoch_time:.1f} s)")
-        return "done"
+                               f"{record['train_loss']:.4f}, test acc {test_acc:.4f} ({epoch_time:.1f} s)"
+                               + (f"; UNSTABLE: above the initial loss {initial_loss:.4f}"
+                                  if status == "unstable" else ""))
+        return status
     except Diverged as err:
         wall += time.perf_counter() - tick
-        record = base | {"epoch": epoch + 1, "step": err.step, "diverged": True, "reason": err.reason,
-                         "last_finite_loss": last_loss, "wall_time_s": wall}
+        record = base | {"epoch": epoch + 1, "step": err.step, "status": "diverged", "diverged": True,
+                         "reason": err.reason, "last_finite_loss": last_loss, "initial_loss": initial_loss,
+                         "wall_time_s": wall}
         if ranks.leader:
             _append_line(out / "results.jsonl", record)
             _atomic_save({"config": dataclasses.asdict(config), "status": "diverged", "epoch": epoch,
@@ -420,22 +438,43 @@ def group_results(results: list[dict]) -> dict[str, dict[int, list[dict]]]:
     return groups
 
 
+def status_of(line: dict) -> str:
+    """A ``results.jsonl`` line's status (lines written before there was one: from ``"diverged"``)."""
+    return line.get("status") or ("diverged" if line.get("diverged") else "done")
+
+
+def _status_cell(seeds: dict[int, list[dict]]) -> str:
+    """How the seeds of one configuration ended: ``done 3/3``, or the unstable and diverged ones, bold."""
+    ended = {seed: runs[-1] for seed, runs in sorted(seeds.items())}
+    parts = []
+    for status in ("diverged", "unstable"):
+        details = []
+        for seed, line in ended.items():
+            if status_of(line) != status:
+                continue
+            if status == "diverged":
+                loss = line.get("last_finite_loss")
+                details.append(f"seed {seed}: epoch {line['epoch']}, step {line['step']}, last loss "
+                               + (f"{loss:.3g}" if loss is not None else "none"))
+            else:
+                details.append(f"seed {seed}: train loss {line['train_loss']:.3g} > initial "
+                               f"{line['initial_loss']:.3g}")
+        if details:
+            parts.append(f"**{status} {len(details)}/{len(ended)}** ({'; '.join(details)})")
+    done = sum(status_of(line) == "done" for line in ended.values())
+    return "; ".join(parts + ([f"done {done}/{len(ended)}"] if done else []))
+
+
 def summary_table(results: list[dict]) -> str:
-    """Markdown table: per label, mean ± std over seeds of final and best test accuracy (%), divergences."""
+    """Markdown table: per label, mean ± std over seeds of final and best test accuracy (%), how the seeds ended."""
     header = ["config", "seeds", "epochs", "final test acc %", "best test acc %", "final train loss",
-              "peak step loss", "s / epoch", "diverged"]
+              "peak step loss", "s / epoch", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, seeds in group_results(results).items():
-        finals, bests, losses, peaks, times, diverged, epochs = [], [], [], [], [], [], []
-        for seed, runs in sorted(seeds.items()):
+        finals, bests, losses, peaks, times, epochs = [], [], [], [], [], []
+        for runs in seeds.values():
             done = [r for r in runs if not r.get("diverged")]
-            div = [r for r in runs if r.get("diverged")]
-            if div:
-                d = div[0]
-                loss = d.get("last_finite_loss")
-                diverged.append(f"seed {seed}: epoch {d['epoch']}, step {d['step']}, last loss "
-                                + (f"{loss:.3g}" if loss is not None else "none"))
-            elif done:
+            if done and not runs[-1].get("diverged"):
                 finals.append(done[-1]["test_acc"])
                 losses.append(done[-1]["train_loss"])
             if done:
@@ -443,13 +482,12 @@ def summary_table(results: list[dict]) -> str:
                 peaks += [r["max_train_loss"] for r in done if "max_train_loss" in r]
                 times += [r["epoch_time_s"] for r in done]
                 epochs.append(done[-1]["epoch"])
-        n_seeds = len(seeds)
-        cells = [label, str(n_seeds), "/".join(str(e) for e in sorted(set(epochs))) or "0",
+        cells = [label, str(len(seeds)), "/".join(str(e) for e in sorted(set(epochs))) or "0",
                  _mean_std(finals) if finals else "diverged",
                  _mean_std(bests), f"{sum(losses) / len(losses):.4f}" if losses else "–",
                  f"{max(peaks):.3g}" if peaks else "–",
                  f"{sum(times) / len(times):.1f}" if times else "–",
-                 f"**{len(diverged)}/{n_seeds}** ({'; '.join(diverged)})" if diverged else "0"]
+                 _status_cell(seeds)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -468,7 +506,9 @@ def summarize(out: Path) -> str:
                  + f", weight decay {args.get('weight_decay')}, lr × {args.get('lr_decay')} every "
                  f"{args.get('decay_every')} epochs" + (", augmented" if args.get("augment") else "") + ".", ""]
     text += ["Mean ± std over seeds; final accuracy over the seeds that did not diverge. Accuracies on the test set; "
-             "peak step loss: the largest mini-batch loss of any seed in any finished epoch.",
+             "peak step loss: the largest mini-batch loss of any seed in any finished epoch. Status: diverged = "
+             "a non-finite loss or solve; unstable = finished, but the last epoch's mean training loss is above "
+             "the loss of the first training step.",
              "", summary_table(results), ""]
     if results:
         training_curves(group_results(results), out / "curves.png")
