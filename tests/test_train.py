@@ -86,12 +86,12 @@ def test_resume_drops_lines_no_checkpoint_backs(tmp_path):
 
 def test_a_diverging_config_is_a_result(tmp_path):
     out = tmp_path / "run"
-    args = _args(out, "--optim", "sgd", "exact", "--lr", "inf", "0.05", "--signal-damping", "1",
+    args = _args(out, "--optim", "sgd", "exact", "--lr", "1e30", "0.05", "--signal-damping", "1",
                  "--train-subset", "128", "--epochs", "2")
     assert train.main(args) == 0
     lines = train.read_results(out / "results.jsonl")
     diverged = [l for l in lines if l["diverged"]]
-    assert sorted(l["config"] for l in diverged) == ["exact_lrinf_d0_sd1_seed0", "sgd_lrinf_seed0"]
+    assert sorted(l["config"] for l in diverged) == ["exact_lr1e+30_d0_sd1_seed0", "sgd_lr1e+30_seed0"]
     for line in diverged:
         assert line["step"] == 2 and line["epoch"] == 1  # the first step is finite, its update is not
         assert math.isfinite(line["last_finite_loss"]) and line["status"] == "diverged"
@@ -100,7 +100,9 @@ def test_a_diverging_config_is_a_result(tmp_path):
     finished = [l["config"] for l in lines if not l["diverged"]]
     assert finished == ["sgd_lr0.05_seed0"] * 2 + ["exact_lr0.05_d0_sd1_seed0"] * 2
     summary = (out / "summary.md").read_text()
-    assert "**diverged 1/1**" in summary and "sgd lr=inf" in summary and (out / "curves.png").stat().st_size > 0
+    assert "**diverged 1/1**" in summary and "sgd lr=1e+30" in summary and (out / "curves.png").stat().st_size > 0
+    for text in (out / "results.jsonl").read_text().splitlines():  # strict JSON: no NaN or Infinity literals
+        json.loads(text, parse_constant=lambda literal: pytest.fail(f"{literal} in results.jsonl"))
 
     # resuming leaves diverged configs alone
     args.resume = True
@@ -111,18 +113,21 @@ def test_a_diverging_config_is_a_result(tmp_path):
 def test_refuses_to_mix_runs(tmp_path):
     out = tmp_path / "run"
     assert train.main(_args(out, "--train-subset", "64", "--epochs", "1")) == 0
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(common.CommandError, match="--resume"):
         train.main(_args(out, "--train-subset", "64", "--epochs", "1"))
-    with pytest.raises(SystemExit, match="batch_size"):
+    with pytest.raises(common.CommandError, match="batch_size"):
         train.main(_args(out, "--train-subset", "64", "--epochs", "1", "--resume", "--batch-size", "32"))
     assert train.main(_args(out, "--train-subset", "64", "--epochs", "1", "--overwrite")) == 0
 
 
-def test_unstable_is_told_from_diverged_and_done(tmp_path):
-    """A finite run whose last epoch ends above its first step's loss is "unstable"."""
+def test_unstable_is_told_from_diverged_and_done(tmp_path, capsys):
+    """A finite run whose last epoch ends above its first step's loss is "unstable"; undamped exact is warned about."""
     out = tmp_path / "run"
     assert train.main(_args(out, "--optim", "sgd", "exact", "--lr", "0.05", "3", "--train-subset", "128",
                             "--epochs", "2")) == 0
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "warning" in warning[0] and "--damping 1 --signal-damping 1" in warning[0]
+    assert "exact lr=0.05 λ=0 μ=0" in warning[0]
     last = {line["config"]: line for line in train.read_results(out / "results.jsonl")}
     for key, line in last.items():
         first_step = line["initial_loss"]
@@ -228,5 +233,5 @@ def test_train_under_torchrun_writes_once_and_resumes(tmp_path):
         torch.testing.assert_close(trained[name], value, rtol=1e-9, atol=1e-12, msg=name)
 
     # a run made by 2 processes is not resumed by 1 (BatchNorm statistics would change meaning)
-    with pytest.raises(SystemExit, match="processes was 2, now 1"):
+    with pytest.raises(common.CommandError, match="processes was 2, now 1"):
         train.main(_args(tmp_path / "resumed", *DIST[:-4], "--dtype", "float64", "--epochs", "3", "--resume"))

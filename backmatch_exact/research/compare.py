@@ -24,8 +24,8 @@ import argparse
 import csv
 import dataclasses
 import functools
-import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -42,7 +42,25 @@ from ..approx import ALGORITHM1, DESCRIPTIONS, Approximations
 from ..layers import rule_for
 from ..layers.base import mean_sq_row_norm
 from ..layers.batchnorm import batch_std
-from .common import MODELS, OPTIMIZERS, build_model, make_optimizer
+from .common import (
+    MODELS,
+    OPTIMIZERS,
+    CommandError,
+    add_batch_size,
+    add_options,
+    build_model,
+    check_new_folder,
+    fraction,
+    load_data,
+    make_optimizer,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    staged_folder,
+    to_json,
+    undamped_warning,
+)
 from .figures import compare_figures
 
 # --------------------------------------------------------------------------------------------------
@@ -482,29 +500,31 @@ CSV_COLUMNS = (["step", "layer", "kind", "cosine", "norm_ratio", "m_exact", "m_a
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``backmatch compare`` options."""
-    parser.add_argument("--data", default="default", help="'default' (shipped Fashion-MNIST subset) or a folder")
-    parser.add_argument("--model", default="lenet", choices=MODELS)
+    add_options(parser, "--data")
+    parser.add_argument("--model", default="lenet", choices=MODELS, help="network: LeNet-BN or VGG-BN")
     parser.add_argument("--optim", default="sgd", choices=OPTIMIZERS, help="optimizer that trains the network")
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--steps", type=int, default=300, help="training steps")
-    parser.add_argument("--every", type=int, default=30, help="evaluate every this many steps (and at step 0)")
-    parser.add_argument("--batch-size", type=int, default=128, help="training batch size")
-    parser.add_argument("--eval-batch", type=int, default=128, help="size of the fixed evaluation batch")
-    parser.add_argument("--damping", type=float, default=0.0,
+    parser.add_argument("--lr", type=positive_float, default=0.05, help="learning rate of the training")
+    parser.add_argument("--momentum", type=fraction, default=0.9, help="momentum of the training")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="weight decay of the training")
+    parser.add_argument("--steps", type=non_negative_int, default=300,
+                        help="training steps (0: evaluate the initial weights only)")
+    parser.add_argument("--every", type=positive_int, default=30,
+                        help="evaluate every this many steps (and at step 0 and the last step)")
+    add_batch_size(parser, "training batch size")
+    parser.add_argument("--eval-batch", type=positive_int, default=128, help="size of the fixed evaluation batch")
+    parser.add_argument("--damping", type=non_negative_float, default=0.0,
                         help="λ of the exact mode being evaluated (and of the training, for --optim exact*)")
-    parser.add_argument("--signal-damping", type=float, default=0.0,
+    parser.add_argument("--signal-damping", type=non_negative_float, default=0.0,
                         help="μ of the exact mode being evaluated (and of the training, for --optim exact)")
     parser.add_argument("--eval-dtype", default="float64", choices=["float32", "float64"],
                         help="dtype of the evaluation copies (the exact solves run in it)")
     parser.add_argument("--no-float32-check", action="store_true",
                         help="skip the float32-vs-eval-dtype comparison of the exact gradients")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0: torch's default; 1 is faster when other jobs share the cores)")
-    parser.add_argument("--out", default="compare_out", help="output folder")
+    add_options(parser, "--seed", "--device", "--threads")
+    parser.add_argument("--out", default="compare_out",
+                        help="output folder; written only when the run ends, all files at once")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results in an --out that already holds files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -516,30 +536,63 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def _json_safe(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def run(args: argparse.Namespace) -> dict:
     """Train, evaluate at checkpoints, write ``layers.csv``, ``summary.json``, plots and ``report.md``.
 
-    Returns the summary dictionary (also written to ``summary.json``).
+    Checks ``--out`` and loads the data before anything is created; the files
+    are written into a hidden folder next to ``--out`` and moved there at the
+    end (:func:`~.common.staged_folder`). A run stopped early — Ctrl-C, or the
+    training diverging — still writes what its finished checkpoints measured,
+    and ``summary["stopped"]`` says why; Ctrl-C before the first checkpoint
+    writes nothing. Returns the summary dictionary (also written to ``summary.json``).
     """
-    if args.steps < 0 or args.every <= 0:
-        raise ValueError("--steps must be >= 0 and --every > 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_new_folder(out, args.overwrite)
+    dataset = load_data(args.data)
+    if args.optim == "exact" and args.damping == 0 and args.signal_damping == 0:
+        print(undamped_warning("compare", ["--optim exact"]), file=sys.stderr)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, losses, all_checks, eval_time, stopped = _measure(args, dataset)
+    if not rows:
+        raise KeyboardInterrupt  # (only Ctrl-C stops a run before its first checkpoint)
+
+    checks = {key: max(c[key] for c in all_checks) for key in CHECKS}
+    costs, spread = ablation_costs(rows), gradient_spread(rows)
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    last = max(r["step"] for r in rows)
+    summary = {
+        "settings": {k: v for k, v in vars(args).items() if k not in ("run", "command")},
+        "dataset": dataset.name, "eval_dtype": args.eval_dtype,
+        "checkpoints": sorted({r["step"] for r in rows}), "layers": layers,
+        "stopped": stopped,
+        "consistency": checks,
+        "final": {r["layer"]: {k: r[k] for k in CSV_COLUMNS if k in r} for r in rows if r["step"] == last},
+        "mean_over_checkpoints": {layer: {k: _mean(r[k] for r in rows if r["layer"] == layer)
+                                          for k in CSV_COLUMNS[3:] if k not in ("kind",)} for layer in layers},
+        "ablation_costs": costs,
+        "gradient_spread": spread,
+        "train_loss": losses,
+        "findings": findings(rows, checks, args.eval_dtype),
+    }
+    with staged_folder(out) as stage:
+        _write_csv(stage / "layers.csv", rows)
+        summary["figures"] = compare_figures(rows, losses, stage, Approximations.names(), costs, spread)
+        total = time.perf_counter() - start
+        summary["timing_s"] = {"total": total, "evaluation": eval_time, "training": total - eval_time}
+        (stage / "summary.json").write_text(to_json(summary, indent=1))
+        (stage / "report.md").write_text(report(summary, rows))
+    return summary
+
+
+def _measure(args: argparse.Namespace, dataset: data.Dataset):
+    """The training run and its checkpoints: ``(rows, losses, checks per checkpoint, evaluation seconds, stopped)``.
+
+    ``stopped`` is None for a run that reached ``--steps``, else ``{"why": "interrupted" | "diverged", "step",
+    "message"}``: Ctrl-C and a diverging training end the run early, keeping the checkpoints measured so far.
+    """
     device = torch.device(args.device)
-    dataset = data.load(args.data)
     build = functools.partial(build_model, args.model, dataset.in_channels, dataset.num_classes)
     torch.manual_seed(args.seed)
     model = build().to(device)
@@ -561,69 +614,50 @@ def run(args: argparse.Namespace) -> dict:
     eval_time = 0.0
     checkpoints = set(range(0, args.steps + 1, args.every)) | {args.steps}
     progress = tqdm(total=args.steps, desc="compare", unit="step", disable=args.no_progress)
-    step, train_loss = 0, float("nan")
+    step, train_loss, stopped = 0, float("nan"), None
     batches = iter(())
-    while True:
-        if step in checkpoints:
-            tick = time.perf_counter()
-            f32 = None if args.no_float32_check else copy_of_model(torch.float32)
-            step_rows, checks = evaluate(copy_of_model(eval_dtype), x_eval, y_eval, args.damping,
-                                         args.signal_damping, float32_model=f32)
-            for row in step_rows:
-                row.update(step=step, train_loss=train_loss, eval_loss=checks["loss"])
-            rows += step_rows
-            all_checks.append(checks)
-            eval_time += time.perf_counter() - tick
-            progress.set_postfix(loss=f"{train_loss:.3f}", cos=f"{min(r['cosine'] for r in step_rows):.3f}")
-        if step == args.steps:
-            break
-        idx = next(batches, None)
-        if idx is None:
-            batches = data.batches(len(dataset.y_train), args.batch_size, generator)
-            idx = next(batches)
-        x, y = dataset.x_train[idx].to(device), dataset.y_train[idx].to(device)
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        train_loss = loss.item()
-        losses.append(train_loss)
-        if not math.isfinite(train_loss):
-            progress.close()
-            raise FloatingPointError(f"training diverged at step {step + 1}: loss {train_loss}")
-        step += 1
-        progress.update(1)
-    progress.close()
-    if engine is not None:
-        engine.detach()
-
-    checks = {key: max(c[key] for c in all_checks) for key in CHECKS}
-    text = findings(rows, checks, args.eval_dtype)
-    _write_csv(out / "layers.csv", rows)
-    costs, spread = ablation_costs(rows), gradient_spread(rows)
-    figures = compare_figures(rows, losses, out, Approximations.names(), costs, spread)
-    total = time.perf_counter() - start
-    layers = list(dict.fromkeys(r["layer"] for r in rows))
-    last = max(r["step"] for r in rows)
-    summary = {
-        "settings": {k: v for k, v in vars(args).items() if k not in ("run",)},
-        "dataset": dataset.name, "eval_dtype": args.eval_dtype,
-        "checkpoints": sorted(checkpoints), "layers": layers,
-        "timing_s": {"total": total, "evaluation": eval_time, "training": total - eval_time},
-        "consistency": checks,
-        "final": {r["layer"]: {k: r[k] for k in CSV_COLUMNS if k in r} for r in rows if r["step"] == last},
-        "mean_over_checkpoints": {layer: {k: _mean(r[k] for r in rows if r["layer"] == layer)
-                                          for k in CSV_COLUMNS[3:] if k not in ("kind",)} for layer in layers},
-        "ablation_costs": costs,
-        "gradient_spread": spread,
-        "train_loss": losses,
-        "figures": figures,
-        "findings": text,
-    }
-    with open(out / "summary.json", "w") as f:
-        json.dump(_json_safe(summary), f, indent=1)
-    (out / "report.md").write_text(report(summary, rows))
-    return summary
+    try:
+        while True:
+            if step in checkpoints:
+                tick = time.perf_counter()
+                f32 = None if args.no_float32_check else copy_of_model(torch.float32)
+                step_rows, checks = evaluate(copy_of_model(eval_dtype), x_eval, y_eval, args.damping,
+                                             args.signal_damping, float32_model=f32)
+                for row in step_rows:
+                    row.update(step=step, train_loss=train_loss, eval_loss=checks["loss"])
+                rows += step_rows
+                all_checks.append(checks)
+                eval_time += time.perf_counter() - tick
+                progress.set_postfix(loss=f"{train_loss:.3f}", cos=f"{min(r['cosine'] for r in step_rows):.3f}")
+            if step == args.steps:
+                break
+            idx = next(batches, None)
+            if idx is None:
+                batches = data.batches(len(dataset.y_train), args.batch_size, generator)
+                idx = next(batches)
+            x, y = dataset.x_train[idx].to(device), dataset.y_train[idx].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+            except (bm.NonFiniteError, bm.SolveError) as err:
+                stopped = {"why": "diverged", "step": step + 1, "message": f"{type(err).__name__}: {err}"}
+                break
+            optimizer.step()
+            train_loss = loss.item()
+            losses.append(train_loss)
+            if not math.isfinite(train_loss):
+                stopped = {"why": "diverged", "step": step + 1, "message": f"training loss {train_loss}"}
+                break
+            step += 1
+            progress.update(1)
+    except KeyboardInterrupt:
+        stopped = {"why": "interrupted", "step": step, "message": f"Ctrl-C at step {step} of {args.steps}"}
+    finally:
+        progress.close()
+        if engine is not None:
+            engine.detach()
+    return rows, losses, all_checks, eval_time, stopped
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -700,9 +734,17 @@ def report(summary: dict, rows: list[dict]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point of ``backmatch compare``."""
+    """Entry point of ``backmatch compare``: 0, 130 after Ctrl-C, 1 when the training diverged."""
     summary = run(args)
     print("\n".join(f"{f['conclusion']} {f['numbers']}" for f in summary["findings"]))
     print(f"wrote {args.out}/layers.csv, summary.json, report.md and {len(summary['figures'])} plots "
           f"in {summary['timing_s']['total']:.0f} s")
-    return 0
+    stopped = summary["stopped"]
+    if stopped is None:
+        return 0
+    kept = f"{args.out} holds the {len(summary['checkpoints'])} checkpoints before it"
+    if stopped["why"] == "interrupted":
+        print(f"backmatch compare: interrupted at step {stopped['step']}; {kept}", file=sys.stderr)
+        return 130
+    raise CommandError(f"the training diverged at step {stopped['step']} ({stopped['message']}); {kept}; "
+                       "try a smaller --lr, or --damping 1 --signal-damping 1", status=1)

@@ -54,6 +54,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -66,7 +67,26 @@ from tqdm import tqdm
 import backmatch_exact as bm
 
 from .. import data
-from .common import MODELS, OPTIMIZERS, build_model, make_optimizer
+from .common import (
+    MODELS,
+    OPTIMIZERS,
+    CommandError,
+    add_batch_size,
+    add_options,
+    build_model,
+    created_folder,
+    fraction,
+    json_safe,
+    load_data,
+    make_optimizer,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_float_or_inf,
+    positive_int,
+    to_json,
+    undamped_warning,
+)
 from .figures import training_curves
 
 #: options that must not change when a run is resumed (they change what an epoch computes);
@@ -220,7 +240,7 @@ def read_results(path: Path) -> list[dict]:
 
 def _append_line(path: Path, record: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(to_json(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -257,7 +277,7 @@ def _prune_results(out: Path) -> None:
         if line["epoch"] <= ckpt["epoch"] or (line.get("diverged") and ckpt["status"] == "diverged"):
             kept.append(line)
     tmp = path.with_name("results.jsonl.tmp")
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
+    tmp.write_text("".join(to_json(line) + "\n" for line in kept))
     os.replace(tmp, path)
 
 
@@ -525,57 +545,71 @@ def summarize(out: Path) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``backmatch train`` options."""
-    parser.add_argument("--optim", nargs="+", default=["sgd"], choices=OPTIMIZERS)
-    parser.add_argument("--lr", nargs="+", type=float, default=[0.05], help="learning rates (swept)")
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--nesterov", action="store_true")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--damping", nargs="+", type=float, default=[0.0],
+    parser.add_argument("--optim", nargs="+", default=["sgd"], choices=OPTIMIZERS, metavar="OPTIM",
+                        help=f"optimizers (swept): {', '.join(OPTIMIZERS)}")
+    parser.add_argument("--lr", nargs="+", type=positive_float, default=[0.05], help="learning rates (swept)")
+    parser.add_argument("--momentum", type=fraction, default=0.9, help="momentum of every optimizer")
+    parser.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="weight decay")
+    parser.add_argument("--damping", nargs="+", type=non_negative_float, default=[0.0],
                         help="λ of exact / exact_weights, relative to mean diag G (swept)")
-    parser.add_argument("--signal-damping", nargs="+", type=float, default=[0.0], help="μ of exact (swept)")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--lr-decay", type=float, default=0.2, help="multiply the lr by this ...")
-    parser.add_argument("--decay-every", type=int, default=60, help="... every this many epochs")
+    parser.add_argument("--signal-damping", nargs="+", type=non_negative_float, default=[0.0],
+                        help="μ of exact, relative to the mean signal denominator (swept)")
+    parser.add_argument("--epochs", type=positive_int, default=10, help="epochs per configuration")
+    parser.add_argument("--lr-decay", type=positive_float, default=0.2, help="multiply the lr by this ...")
+    parser.add_argument("--decay-every", type=positive_int, default=60, help="... every this many epochs")
     parser.add_argument("--augment", action="store_true", help="random flips and rotations (data.augment)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--max-loss", type=float, default=math.inf,
-                        help="count a training loss above this as divergence too (default: only non-finite)")
-    parser.add_argument("--model", default="lenet", choices=MODELS)
-    parser.add_argument("--data", default="default", help="'default' (shipped Fashion-MNIST subset) or a folder")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--train-subset", type=int, default=0, help="train on the first N examples (0: all)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0: torch's default; 1 is faster when other jobs share the cores)")
+    parser.add_argument("--seeds", nargs="+", type=non_negative_int, default=[0],
+                        help="seeds (swept): initial weights, batch order, augmentation")
+    parser.add_argument("--max-loss", type=positive_float_or_inf, default=math.inf,
+                        help="count a training loss above this as divergence too (inf: only non-finite)")
+    parser.add_argument("--model", default="lenet", choices=MODELS, help="network: LeNet-BN or VGG-BN")
+    add_options(parser, "--data")
+    add_batch_size(parser, "training batch size (under torchrun: the global batch)")
+    parser.add_argument("--train-subset", type=non_negative_int, default=0,
+                        help="train on the first N training examples (0: all)")
+    add_options(parser, "--dtype", "--device", "--threads")
     parser.add_argument("--out", default="train_out", help="output folder")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
-    parser.add_argument("--overwrite", action="store_true", help="start over, deleting the results in --out")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its checkpoints (a new --out starts fresh)")
+    again.add_argument("--overwrite", action="store_true", help="start over, deleting the results in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _settings(args: argparse.Namespace) -> dict:
+    """The options a resumed run must share with the run it continues, as ``args.json`` stores them."""
+    return json_safe({k: getattr(args, k) for k in RESUME_KEYS})
+
+
+def _check_folder(out: Path, args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` this run must not write into, before anything is written (:class:`CommandError`)."""
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} is a file, not a folder")
+    has_results = (out / "results.jsonl").exists() or any((out / "checkpoints").glob("*"))
+    if args.resume and (out / "args.json").exists():
+        old = json.loads((out / "args.json").read_text())
+        changed = {k: (old.get(k), v) for k, v in _settings(args).items() if json_safe(old.get(k)) != v}
+        if changed:
+            raise CommandError(f"--resume with different options than the run in {out}: "
+                               + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+    elif has_results and not args.resume and not args.overwrite:
+        raise CommandError(f"--out {out} already holds results: pass --resume to continue or --overwrite to "
+                           "start over")
+
+
 def _prepare_folder(out: Path, args: argparse.Namespace) -> None:
-    """Create or check the output folder; on ``--resume`` check the options and prune unbacked lines."""
-    settings = {k: getattr(args, k) for k in RESUME_KEYS}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints").mkdir(exist_ok=True)
-    has_results = (out / "results.jsonl").exists() or any((out / "checkpoints").iterdir())
+    """Make the output folder ready (:func:`_check_folder` has passed): on ``--resume`` prune the result lines no
+    checkpoint backs, on ``--overwrite`` delete the old results; write ``args.json``."""
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     if args.resume:
-        if (out / "args.json").exists():
-            old = json.loads((out / "args.json").read_text())
-            changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-            if changed:
-                raise SystemExit(f"--resume with different options than the run in {out}: "
-                                 + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
         _prune_results(out)
-    elif has_results:
-        if not args.overwrite:
-            raise SystemExit(f"{out} already holds results: pass --resume to continue or --overwrite to start over")
+    elif args.overwrite:
         (out / "results.jsonl").unlink(missing_ok=True)
         for f in (out / "checkpoints").iterdir():
             f.unlink()
-    record = {k: v for k, v in vars(args).items() if k != "run"}
-    (out / "args.json").write_text(json.dumps(record, indent=1))
+    record = {k: v for k, v in vars(args).items() if k not in ("run", "command")}
+    (out / "args.json").write_text(to_json(record, indent=1))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -592,30 +626,49 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> int:
-    """``main`` once the process group (if any) is joined."""
+    """``main`` once the process group (if any) is joined.
+
+    Everything that can refuse the run (options, ``--out``, the data) is checked before the
+    output folder is touched; a new folder is removed again when the run fails or is
+    interrupted before its first result line.
+    """
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.batch_size % ranks.size:
-        raise SystemExit(f"--batch-size {args.batch_size} is the global batch: it must be divisible by the "
-                         f"{ranks.size} processes")
+        raise CommandError(f"--batch-size {args.batch_size} is the global batch: it must be divisible by the "
+                           f"{ranks.size} processes")
     args.processes = ranks.size
     out = Path(args.out)
     configs = expand_configs(args.optim, args.lr, args.damping, args.signal_damping, args.seeds)
     problem = None
     if ranks.leader:
         try:
-            _prepare_folder(out, args)
-        except SystemExit as err:
+            _check_folder(out, args)
+        except CommandError as err:
             problem = str(err)
     problem = ranks.from_leader(problem)
     if problem:
-        raise SystemExit(problem)
-    dataset = data.load(args.data)
+        raise CommandError(problem)
+    dataset = load_data(args.data)
+    undamped = [c.label for c in configs if c.optim == "exact" and c.damping == 0 and c.signal_damping == 0]
+    if undamped and ranks.leader:
+        print(undamped_warning("train", list(dict.fromkeys(undamped))), file=sys.stderr)
     dtype = getattr(torch, args.dtype)
     subset = slice(0, args.train_subset or None)
     tensors = {"x_train": dataset.x_train[subset].to(device, dtype), "y_train": dataset.y_train[subset].to(device),
                "x_test": dataset.x_test.to(device, dtype), "y_test": dataset.y_test.to(device),
                "in_channels": dataset.in_channels, "num_classes": dataset.num_classes}
+    has_results = lambda: bool(read_results(out / "results.jsonl"))  # noqa: E731
+    if not ranks.leader:
+        return _train_all(configs, tensors, args, out, ranks, has_results)
+    with created_folder(out, keep=has_results):
+        _prepare_folder(out, args)
+        return _train_all(configs, tensors, args, out, ranks, has_results)
+
+
+def _train_all(configs: list[Config], tensors: dict, args: argparse.Namespace, out: Path, ranks: Ranks,
+               has_results) -> int:
+    """Train every configuration in turn; write the summary. 0, or 130 after Ctrl-C (with results kept)."""
     progress = tqdm(total=len(configs) * args.epochs, desc="train", unit="epoch",
                     disable=args.no_progress) if ranks.leader else None
     status = 0
@@ -623,6 +676,8 @@ def _run(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> int:
         for config in configs:
             train_config(config, tensors, args, out, progress, ranks)
     except KeyboardInterrupt:
+        if not has_results():
+            raise  # nothing finished: the folder goes if this run made it
         if progress is not None:
             progress.write(f"interrupted: finished epochs are in {out}/results.jsonl; rerun with --resume to continue")
         status = 130
