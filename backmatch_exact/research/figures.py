@@ -36,7 +36,7 @@ def _axes(ax, title: str, ylabel: str, xlabel: str = "step") -> None:
     """Title and axis labels; a step or epoch axis gets integer ticks (a short run has few steps)."""
     ax.set(title=title, ylabel=ylabel, xlabel=xlabel)
     if xlabel in ("step", "epoch"):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def _legend_right(fig, ax, title: str, extra: tuple = ()) -> None:
