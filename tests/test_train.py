@@ -137,6 +137,19 @@ def test_unstable_is_told_from_diverged_and_done(tmp_path, capsys):
     assert "**unstable 1/1** (seed 0: train loss" in table and "done 1/1" in table
 
 
+def test_a_run_stopped_before_its_first_result_leaves_no_folder(tmp_path, monkeypatch):
+    """Ctrl-C (or a crash) before any epoch finished: the folders this run made are gone again."""
+    out = tmp_path / "runs" / "run"
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(_args(out, "--train-subset", "64", "--epochs", "1"))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sweep_expansion():
     configs = train.expand_configs(["sgd", "exact", "exact_weights"], [0.1, 0.01], [0.0, 1.0], [0.0, 2.0], [0, 1])
     count = {o: sum(c.optim == o for c in configs) for o in ("sgd", "exact", "exact_weights")}
