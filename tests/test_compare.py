@@ -10,6 +10,7 @@ import torch
 
 import backmatch_exact as bm
 from backmatch_exact.research import compare, train
+from backmatch_exact.research.common import CommandError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,7 +69,7 @@ def test_tiny_compare_run_writes_consistent_files(tmp_path):
         assert float(r["norm_ratio"]) > 0 and float(r["m_exact"]) > 0 and float(r["m_approx"]) > 0
         assert abs(float(r["cosine"]) - float(r["cos_bp_exact"])) < 1e-9  # approx = rescaled backprop
 
-    saved = json.loads((tmp_path / "summary.json").read_text())
+    saved = json.loads((tmp_path / "summary.json").read_text(), parse_constant=pytest.fail)  # strict JSON
     assert {"settings", "timing_s", "consistency", "final", "mean_over_checkpoints", "ablation_costs",
             "gradient_spread", "findings", "figures", "layers"} <= set(saved)
     assert saved["layers"] == layers and set(saved["final"]) == set(layers)
@@ -92,3 +93,38 @@ def test_compare_cli_is_wired(tmp_path, monkeypatch):
     cli.main(["train", "--optim", "sgd", "exact", "--lr", "0.1", "0.2", "--out", str(tmp_path)])
     assert seen["args"].steps == 3 and seen["args"].optim == "sgd"
     assert seen["train"].optim == ["sgd", "exact"] and seen["train"].lr == [0.1, 0.2]
+
+
+def test_an_interrupted_compare_writes_what_it_measured_at_once(tmp_path, monkeypatch, capsys):
+    """Ctrl-C at the second checkpoint: status 130, and --out gets the first checkpoint's complete set of files
+    in one move; --overwrite replaces compare's files and leaves others alone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("an earlier report")
+    (out / "notes.txt").write_text("mine")
+    real_evaluate, calls = compare.evaluate, []
+
+    def evaluate_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(compare, "evaluate", evaluate_then_interrupt)
+    with pytest.raises(CommandError, match="already holds files"):
+        compare.main(_compare_args(out))
+    assert compare.main(_compare_args(out, overwrite=True, no_float32_check=True)) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("backmatch compare: interrupted at step 1")
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+    assert summary["stopped"]["why"] == "interrupted" and summary["checkpoints"] == [0]
+    assert "Stopped early" in (out / "report.md").read_text() and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the staging folder is gone
+
+
+def test_a_diverging_compare_is_one_error_and_keeps_its_checkpoints(tmp_path):
+    args = _compare_args(tmp_path / "runs" / "out", optim="exact", signal_damping=1.0, lr=1e30, steps=3, every=10,
+                         no_float32_check=True)
+    with pytest.raises(CommandError, match="diverged at step 2 .NonFiniteError") as err:
+        compare.main(args)
+    assert err.value.status == 1
+    assert json.loads((tmp_path / "runs" / "out" / "summary.json").read_text())["stopped"]["why"] == "diverged"

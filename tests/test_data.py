@@ -208,7 +208,7 @@ def test_idx_round_trip(tmp_path, gz):
     arrays = write_idx_folder(tmp_path / "fm", rng, gz=gz)
     ds = data.load_idx_folder(tmp_path / "fm")
     assert ds.x_train.shape == (7, 1, 32, 32) and ds.x_test.shape == (3, 1, 32, 32)
-    assert ds.num_classes == 3 and ds.in_channels == 1
+    assert ds.num_classes == 10 and ds.in_channels == 1  # MNIST-style: 10 classes, whichever labels occur
     px = unnormalize(ds, ds.x_train)
     assert (px[:, 0, 2:30, 2:30] == arrays["train-images-idx3-ubyte"]).all()
     assert (unnormalize(ds, ds.x_test)[:, 0, 2:30, 2:30] == arrays["t10k-images-idx3-ubyte"]).all()
@@ -264,6 +264,33 @@ def test_idx_count_mismatch(tmp_path):
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(5, np.uint8)))
     with pytest.raises(data.DataFormatError, match="7 images.*5 labels"):
         data.load_idx_folder(tmp_path)
+
+
+def test_idx_label_out_of_range_names_file_and_value(tmp_path):
+    """One label 200 is an error naming the file and the label, not a 201-class problem."""
+    arrays = write_idx_folder(tmp_path, np.random.default_rng(6))
+    labels = arrays["t10k-labels-idx1-ubyte"].copy()
+    labels[1] = 200
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    with pytest.raises(data.DataFormatError, match=r"t10k-labels-idx1-ubyte: label 200 \(at position 1.*0\.\.9"):
+        data.load(str(tmp_path))
+    assert data.load_idx_folder(tmp_path, num_classes=201).num_classes == 201  # said so: fine
+
+
+@pytest.mark.parametrize("fmt", ["bin", "py"])
+def test_cifar_label_out_of_range_names_file(tmp_path, fmt):
+    d, _ = write_cifar(tmp_path, 10, fmt, np.random.default_rng(0), style="2")
+    name = "test_batch.bin" if fmt == "bin" else "test_batch"
+    if fmt == "bin":
+        raw = bytearray((d / name).read_bytes())
+        raw[0] = 10
+        (d / name).write_bytes(bytes(raw))
+    else:
+        batch = pickle.loads((d / name).read_bytes(), encoding="bytes")
+        batch[b"labels"][0] = 10
+        (d / name).write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(data.DataFormatError, match=rf"{name}: label 10 \(at position 0.*0\.\.9"):
+        data.load_cifar(tmp_path, 10, check_sizes=False)
 
 
 def test_idx_missing_lists_expected(tmp_path):

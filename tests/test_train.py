@@ -1,4 +1,4 @@
-"""``backmatch train``: sweeps, resuming to identical numbers, Ctrl-C, divergence as a result."""
+"""``backmatch train``: sweeps, resuming to identical numbers, Ctrl-C, divergence and instability as results."""
 
 import argparse
 import json
@@ -86,21 +86,23 @@ def test_resume_drops_lines_no_checkpoint_backs(tmp_path):
 
 def test_a_diverging_config_is_a_result(tmp_path):
     out = tmp_path / "run"
-    args = _args(out, "--optim", "sgd", "exact", "--lr", "inf", "0.05", "--signal-damping", "1",
+    args = _args(out, "--optim", "sgd", "exact", "--lr", "1e30", "0.05", "--signal-damping", "1",
                  "--train-subset", "128", "--epochs", "2")
     assert train.main(args) == 0
     lines = train.read_results(out / "results.jsonl")
     diverged = [l for l in lines if l["diverged"]]
-    assert sorted(l["config"] for l in diverged) == ["exact_lrinf_d0_sd1_seed0", "sgd_lrinf_seed0"]
+    assert sorted(l["config"] for l in diverged) == ["exact_lr1e+30_d0_sd1_seed0", "sgd_lr1e+30_seed0"]
     for line in diverged:
         assert line["step"] == 2 and line["epoch"] == 1  # the first step is finite, its update is not
-        assert math.isfinite(line["last_finite_loss"])
+        assert math.isfinite(line["last_finite_loss"]) and line["status"] == "diverged"
     exact = next(l for l in diverged if l["optim"] == "exact")
     assert exact["reason"].startswith("NonFiniteError")
     finished = [l["config"] for l in lines if not l["diverged"]]
     assert finished == ["sgd_lr0.05_seed0"] * 2 + ["exact_lr0.05_d0_sd1_seed0"] * 2
     summary = (out / "summary.md").read_text()
-    assert "**1/1**" in summary and "sgd lr=inf" in summary and (out / "curves.png").stat().st_size > 0
+    assert "**diverged 1/1**" in summary and "sgd lr=1e+30" in summary and (out / "curves.png").stat().st_size > 0
+    for text in (out / "results.jsonl").read_text().splitlines():  # strict JSON: no NaN or Infinity literals
+        json.loads(text, parse_constant=lambda literal: pytest.fail(f"{literal} in results.jsonl"))
 
     # resuming leaves diverged configs alone
     args.resume = True
@@ -111,11 +113,41 @@ def test_a_diverging_config_is_a_result(tmp_path):
 def test_refuses_to_mix_runs(tmp_path):
     out = tmp_path / "run"
     assert train.main(_args(out, "--train-subset", "64", "--epochs", "1")) == 0
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(common.CommandError, match="--resume"):
         train.main(_args(out, "--train-subset", "64", "--epochs", "1"))
-    with pytest.raises(SystemExit, match="batch_size"):
+    with pytest.raises(common.CommandError, match="batch_size"):
         train.main(_args(out, "--train-subset", "64", "--epochs", "1", "--resume", "--batch-size", "32"))
     assert train.main(_args(out, "--train-subset", "64", "--epochs", "1", "--overwrite")) == 0
+
+
+def test_unstable_is_told_from_diverged_and_done(tmp_path, capsys):
+    """A finite run whose last epoch ends above its first step's loss is "unstable"; undamped exact is warned about."""
+    out = tmp_path / "run"
+    assert train.main(_args(out, "--optim", "sgd", "exact", "--lr", "0.05", "3", "--train-subset", "128",
+                            "--epochs", "2")) == 0
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "warning" in warning[0] and "--damping 1 --signal-damping 1" in warning[0]
+    assert "exact lr=0.05 λ=0 μ=0" in warning[0]
+    last = {line["config"]: line for line in train.read_results(out / "results.jsonl")}
+    for key, line in last.items():
+        first_step = line["initial_loss"]
+        assert line["status"] == ("unstable" if line["train_loss"] > first_step else "done"), key
+    assert last["sgd_lr3_seed0"]["status"] == "unstable" and last["sgd_lr0.05_seed0"]["status"] == "done"
+    table = (out / "summary.md").read_text()
+    assert "**unstable 1/1** (seed 0: train loss" in table and "done 1/1" in table
+
+
+def test_a_run_stopped_before_its_first_result_leaves_no_folder(tmp_path, monkeypatch):
+    """Ctrl-C (or a crash) before any epoch finished: the folders this run made are gone again."""
+    out = tmp_path / "runs" / "run"
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(_args(out, "--train-subset", "64", "--epochs", "1"))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sweep_expansion():
@@ -214,5 +246,5 @@ def test_train_under_torchrun_writes_once_and_resumes(tmp_path):
         torch.testing.assert_close(trained[name], value, rtol=1e-9, atol=1e-12, msg=name)
 
     # a run made by 2 processes is not resumed by 1 (BatchNorm statistics would change meaning)
-    with pytest.raises(SystemExit, match="processes was 2, now 1"):
+    with pytest.raises(common.CommandError, match="processes was 2, now 1"):
         train.main(_args(tmp_path / "resumed", *DIST[:-4], "--dtype", "float64", "--epochs", "3", "--resume"))

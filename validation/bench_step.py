@@ -1,7 +1,7 @@
 """Thin wrapper: ``python validation/bench_step.py [args]`` is ``backmatch bench [args]``
 (backmatch_exact/research/bench.py).
 
-    PYTHONPATH=. python validation/bench_step.py --model lenet --batch 128 --threads 2 \
+    PYTHONPATH=. python validation/bench_step.py --model lenet --batch-size 128 --threads 2 \
         --out validation/results/bench_cpu_lenet.json
 """
 

@@ -95,7 +95,7 @@ __all__ = [
 # --------------------------------------------------------------------------
 
 
-def load_idx_folder(path: PathLike, name: str | None = None) -> Dataset:
+def load_idx_folder(path: PathLike, name: str | None = None, num_classes: int = 10) -> Dataset:
     """Load MNIST or Fashion-MNIST from a folder of IDX files.
 
     The folder must hold the four standard files, each either raw or gzipped
@@ -107,20 +107,22 @@ def load_idx_folder(path: PathLike, name: str | None = None) -> Dataset:
     Args:
         path: the folder.
         name: name to give the dataset; defaults to ``"idx:<folder name>"``.
+        num_classes: how many classes the labels index (10 for MNIST and
+            Fashion-MNIST; say so for another IDX dataset, e.g. 47 for
+            EMNIST balanced).
 
     Returns:
-        A 1-channel :class:`Dataset`; ``num_classes`` is the largest label
-        seen plus one (10 for the real MNIST / Fashion-MNIST files).
+        A 1-channel :class:`Dataset` with ``num_classes`` classes.
 
     Raises:
         MissingFilesError: some of the four files are absent (all expected
             names and the folder are listed).
         DataFormatError: a file is corrupt or truncated (see :func:`read_idx`),
-            or image and label counts disagree.
+            image and label counts disagree, or a label is not in
+            ``0 .. num_classes-1`` (the message names the file and the label).
     """
     folder = Path(path).expanduser()
-    a = _read_idx_folder_arrays(folder)
-    num_classes = int(max(a["train_labels"].max(initial=0), a["test_labels"].max(initial=0))) + 1
+    a = _read_idx_folder_arrays(folder, num_classes)
     return _make_dataset(
         name or f"idx:{folder.resolve().name}",
         a["train_images"][:, None],

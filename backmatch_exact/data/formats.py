@@ -145,8 +145,18 @@ def _find_idx_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _read_idx_folder_arrays(folder: PathLike) -> dict[str, np.ndarray]:
-    """The four IDX arrays of a MNIST-style folder, validated, as numpy."""
+def _check_labels(path: Path, labels: np.ndarray, num_classes: int) -> None:
+    """Refuse a label outside ``0 .. num_classes-1`` (:class:`DataFormatError` naming the file and the value)."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise DataFormatError(
+            f"{path}: label {int(labels[bad[0]])} (at position {int(bad[0])}, one of {bad.size} out of range) "
+            f"is not a class index 0..{num_classes - 1} of this {num_classes}-class dataset"
+        )
+
+
+def _read_idx_folder_arrays(folder: PathLike, num_classes: int = 10) -> dict[str, np.ndarray]:
+    """The four IDX arrays of a MNIST-style folder, validated (labels in ``0 .. num_classes-1``), as numpy."""
     folder = Path(folder).expanduser()
     found = {key: _find_idx_file(folder, stem) for key, stem in _IDX_FILES.items()}
     missing = [stem for key, stem in _IDX_FILES.items() if found[key] is None]
@@ -166,6 +176,8 @@ def _read_idx_folder_arrays(folder: PathLike) -> dict[str, np.ndarray]:
                 f"{path}: expected {want_ndim}-dimensional uint8 data, got "
                 f"{arr.ndim}-dimensional {arr.dtype} with shape {arr.shape}"
             )
+        if key.endswith("labels"):
+            _check_labels(path, arr, num_classes)
         arrays[key] = arr
     for split in ("train", "test"):
         n_img, n_lab = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
@@ -295,6 +307,7 @@ def _cifar_pickle_arrays(path: Path, which: int) -> tuple[np.ndarray, np.ndarray
         raise DataFormatError(
             f"{path}: {len(data)} images but {label_key!r} has shape {labels.shape}"
         )
+    _check_labels(path, labels, which)
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -310,6 +323,7 @@ def _cifar_binary_arrays(path: Path, which: int) -> tuple[np.ndarray, np.ndarray
         )
     recs = raw.reshape(-1, record)
     labels = recs[:, label_bytes - 1].astype(np.int64)  # CIFAR-100: fine label
+    _check_labels(path, labels, which)
     return recs[:, label_bytes:].reshape(-1, 3, 32, 32), labels
 
 
@@ -414,7 +428,7 @@ def _detect(folder: Path) -> str:
     if hit100 and not hit10:
         return "cifar100"
     if hit10 and hit100:
-        raise ValueError(
+        raise DataFormatError(
             f"{folder} holds both CIFAR-10 and CIFAR-100 files; say which with "
             f"'cifar10:{folder}' or 'cifar100:{folder}'"
         )

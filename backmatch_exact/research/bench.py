@@ -21,14 +21,13 @@ synchronized spans, so they are slower than the timed ones): the per-layer
 breakdown of what the exact step adds — Gram formation, factorization, solve,
 column norms, signal rescaling — in milliseconds per step.
 
-    backmatch bench --model lenet --batch 128 --threads 2 --out validation/results/bench_cpu_lenet.json
+    backmatch bench --model lenet --batch-size 128 --threads 2 --out validation/results/bench_cpu_lenet.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -40,7 +39,18 @@ import torch.nn.functional as F
 
 import backmatch_exact as bm
 
-from .common import MODELS, build_model
+from .common import (
+    MODELS,
+    Parser,
+    add_batch_size,
+    add_options,
+    build_model,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_command,
+    to_json,
+)
 
 MODES = ("plain", "bp", "approx", "exact", "exact_weights")
 PARTS = ("gram", "weight_grad", "factor", "solve", "dual", "column_norms", "input_signal")
@@ -221,47 +231,56 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def mode_names(text: str) -> list[str]:
+    """``--modes`` values: a mode name (or, as older scripts wrote it, several joined by commas)."""
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in MODES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"must be mode names from {' '.join(MODES)}, got {text}")
+    return names
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="lenet", choices=MODELS)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...; 'auto': cuda when available")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--steps", type=int, default=20, help="timed rounds (each mode one step per round)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--profile-steps", type=int, default=3, help="exact steps with the per-layer timing on (0: none)")
-    p.add_argument("--seed", type=int, default=0)
+    """The ``backmatch bench`` options."""
+    p.add_argument("--model", default="lenet", choices=MODELS, help="network (CIFAR-shaped batch)")
+    add_batch_size(p, "examples in the synthetic batch")
+    add_options(p, "--device", "--dtype")
+    p.add_argument("--steps", type=positive_int, default=20, help="timed rounds (each mode one step per round)")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed rounds first")
+    add_options(p, "--threads")
+    p.add_argument("--modes", nargs="+", type=mode_names, metavar="MODE",
+                   help=f"the modes to time (default: all of {' '.join(MODES)})")
+    p.add_argument("--lr", type=positive_float, default=0.01, help="learning rate of the SGD step")
+    p.add_argument("--profile-steps", type=non_negative_int, default=3,
+                   help="exact steps with the per-layer timing on (0: none)")
+    add_options(p, "--seed")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                   help="wall: perf_counter (default); cpu: process_time, robust on a busy shared CPU")
-    p.add_argument("--out", default=None, help="write the report as JSON here")
+                   help="wall: perf_counter; cpu: process_time, robust on a busy shared CPU")
+    p.add_argument("--out", default=None, help="write the report as JSON here (replacing the file)")
 
 
 def main(args: argparse.Namespace) -> int:
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise SystemExit(f"unknown modes {unknown}; choose from {MODES}")
-    report = run(args.model, args.batch, device, args.dtype, args.steps, args.warmup, args.threads, modes, args.lr,
-                 args.profile_steps, args.seed, args.clock)
+    """Entry point of ``backmatch bench``."""
+    modes = tuple(dict.fromkeys(mode for group in args.modes for mode in group)) if args.modes else MODES
+    report = run(args.model, args.batch_size, args.device, args.dtype, args.steps, args.warmup, args.threads, modes,
+                 args.lr, args.profile_steps, args.seed, args.clock)
     print(format_report(report))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        path = os.path.abspath(args.out)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.write(to_json(report, indent=2))
+        os.replace(path + ".tmp", path)
         print(f"wrote {args.out}")
     return 0
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="backmatch bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """``python -m backmatch_exact.research.bench``: the same as ``backmatch bench``."""
+    parser = Parser(prog="backmatch bench", description=__doc__)
     add_arguments(parser)
-    return main(parser.parse_args(argv))
+    parser.set_defaults(run=main)
+    return run_command(parser, argv)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ import argparse
 import csv
 import dataclasses
 import functools
-import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -42,7 +42,25 @@ from ..approx import ALGORITHM1, DESCRIPTIONS, Approximations
 from ..layers import rule_for
 from ..layers.base import mean_sq_row_norm
 from ..layers.batchnorm import batch_std
-from .common import MODELS, OPTIMIZERS, build_model, make_optimizer
+from .common import (
+    MODELS,
+    OPTIMIZERS,
+    CommandError,
+    add_batch_size,
+    add_options,
+    build_model,
+    check_new_folder,
+    fraction,
+    load_data,
+    make_optimizer,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    staged_folder,
+    to_json,
+    undamped_warning,
+)
 from .figures import compare_figures
 
 # --------------------------------------------------------------------------------------------------
@@ -308,71 +326,167 @@ def gradient_spread(rows: list[dict]) -> dict[str, dict]:
     return spread
 
 
-def findings(rows: list[dict], checks: dict, dtype: str = "float64") -> list[str]:
-    """Sentences with the measured numbers, for ``report.md`` and ``summary.json``."""
+def _number(value, fmt: str = "{:.3g}") -> str:
+    """``value`` formatted, or "–" where it is not a finite number (a quantity the layer does not have)."""
+    return fmt.format(value) if isinstance(value, (int, float)) and math.isfinite(value) else "–"
+
+
+def _largest_factor(rows: list[dict], key: str) -> tuple[float, dict | None]:
+    """The largest factor ``max(v, 1/v)`` of a ratio column over ``rows``, and its row."""
+    rated = [(10 ** abs(math.log10(r[key])), r) for r in rows if math.isfinite(r[key]) and r[key] > 0]
+    return max(rated, key=lambda fr: fr[0]) if rated else (math.nan, None)
+
+
+def findings(rows: list[dict], checks: dict, dtype: str = "float64") -> list[dict]:
+    """What the run shows, for ``report.md`` and ``summary.json``: per finding a one-sentence ``conclusion``
+    and the measured ``numbers`` behind it."""
     steps = sorted({r["step"] for r in rows})
     first, last = steps[0], steps[-1]
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     at = {step: {r["layer"]: r for r in rows if r["step"] == step} for step in steps}
     out = []
 
-    def per_layer(step, key, fmt="{:.3f}"):
-        return ", ".join(f"{layer} {fmt.format(at[step][layer][key])}" for layer in layers)
+    def add(conclusion: str, numbers: str) -> None:
+        out.append({"conclusion": conclusion, "numbers": numbers})
 
-    out.append(f"cosine(exact g'_W, approx g̃_W) at step {first}: {per_layer(first, 'cosine')}; "
-               f"at step {last}: {per_layer(last, 'cosine')}.")
+    def per_layer(step, key, fmt="{:.3f}"):
+        return ", ".join(f"{layer} {_number(at[step][layer][key], fmt)}" for layer in layers)
+
+    def at_steps(key, fmt="{:.3f}"):
+        text = f"at step {first}: {per_layer(first, key, fmt)}"
+        return text + (f"; at step {last}: {per_layer(last, key, fmt)}" if last != first else "")
+
     cos_all = _finite(r["cosine"] for r in rows)
     worst = min(rows, key=lambda r: r["cosine"] if math.isfinite(r["cosine"]) else 2.0)
-    out.append(f"Over all {len(steps)} checkpoints the cosine ranges from {min(cos_all):.3f} to {max(cos_all):.3f} "
-               f"(mean {np.mean(cos_all):.3f}); the lowest is {worst['layer']} at step {worst['step']}. "
-               "Algorithm 1 only rescales the backprop gradient, so this equals cosine(exact, backprop) "
-               f"(largest gap between the two columns: {max(abs(r['cosine'] - r['cos_bp_exact']) for r in rows):.1e}).")
-    out.append(f"Norm ratio ‖g̃‖/‖g'‖ at step {first}: {per_layer(first, 'norm_ratio', '{:.3g}')}; "
-               f"at step {last}: {per_layer(last, 'norm_ratio', '{:.3g}')}.")
-    out.append(f"Backward factor at each weight layer's input, m_approx/m_exact at step {first}: "
-               f"{per_layer(first, 'm_ratio', '{:.3g}')}; at step {last}: {per_layer(last, 'm_ratio', '{:.3g}')} "
-               "(1 = Algorithm 1 predicts the exact signal scale).")
+    lowest = min(cos_all, default=math.nan)
+    if lowest >= 0.99:
+        conclusion = f"Algorithm 1 points where exact back-matching does: cosine at least {lowest:.3f} everywhere."
+    elif lowest >= 0.9:
+        conclusion = (f"Algorithm 1 points roughly where exact back-matching does, least so at {worst['layer']} "
+                      f"(cosine {lowest:.3f} at step {worst['step']}).")
+    else:
+        conclusion = (f"Algorithm 1's direction departs from exact back-matching's: the cosine drops to "
+                      f"{_number(lowest, '{:.3f}')} at {worst['layer']} (step {worst['step']}).")
+    add(conclusion, f"cosine(exact g'_W, approx g̃_W) {at_steps('cosine')}; mean over the {len(steps)} "
+        f"checkpoints {_number(_mean(cos_all), '{:.3f}')}. Algorithm 1 only rescales the backprop gradient, so "
+        "this equals cosine(exact, backprop) (largest gap between the two columns: "
+        f"{max(abs(r['cosine'] - r['cos_bp_exact']) for r in rows):.1e}).")
+
+    factor, row = _largest_factor(rows, "norm_ratio")
+    if row is None or factor < 1.5:
+        conclusion = f"Algorithm 1's step sizes match exact back-matching's within a factor {_number(factor)}."
+    else:
+        conclusion = (f"Algorithm 1's step size is off by up to a factor {factor:.3g}: "
+                      f"{'larger' if row['norm_ratio'] > 1 else 'smaller'} than exact at {row['layer']} "
+                      f"(step {row['step']}).")
+    add(conclusion, f"Norm ratio ‖g̃‖/‖g'‖ {at_steps('norm_ratio', '{:.3g}')}.")
+
+    factor, row = _largest_factor(rows, "m_ratio")
+    if row is None or factor < 1.5:
+        conclusion = f"Algorithm 1 predicts the exact signal scale at every weight layer's input within a factor " \
+                     f"{_number(factor)}."
+    else:
+        conclusion = (f"Algorithm 1 {'over' if row['m_ratio'] > 1 else 'under'}estimates the backward factor at "
+                      f"{row['layer']}'s input by up to a factor {factor:.3g} (step {row['step']}).")
+    add(conclusion, f"Backward factor at each weight layer's input, m_approx/m_exact {at_steps('m_ratio', '{:.3g}')} "
+        "(1 = Algorithm 1 predicts the exact signal scale).")
+
     costs = ablation_costs(rows)
-    only = sorted(Approximations.names(), key=lambda n: -costs[f"only_{n}"]["mean_1_minus_cos"])
-    only_scale = sorted(Approximations.names(), key=lambda n: -costs[f"only_{n}"]["mean_abs_log10_ratio"])
-    fix = sorted(Approximations.names(), key=lambda n: costs[f"without_{n}"]["mean_1_minus_cos"])
-    out.append("Switched on alone, the approximation that moves the direction most is "
-               f"{only[0]} (mean 1 - cosine {costs[f'only_{only[0]}']['mean_1_minus_cos']:.3f}), then "
-               + ", ".join(f"{n} ({costs[f'only_{n}']['mean_1_minus_cos']:.3f})" for n in only[1:]) + ".")
-    out.append("Switched on alone, the one that moves the scale most is "
-               f"{only_scale[0]} (mean |log10 norm ratio| "
-               f"{costs[f'only_{only_scale[0]}']['mean_abs_log10_ratio']:.3f}, i.e. a factor "
-               f"{10 ** costs[f'only_{only_scale[0]}']['mean_abs_log10_ratio']:.2f}), then "
-               + ", ".join(f"{n} ({costs[f'only_{n}']['mean_abs_log10_ratio']:.3f})" for n in only_scale[1:]) + ".")
-    out.append(f"Removing {fix[0]} from Algorithm 1 (keeping the rest) brings it closest to exact: mean 1 - cosine "
-               f"{costs[f'without_{fix[0]}']['mean_1_minus_cos']:.3f} versus "
-               f"{_mean(1.0 - r['cosine'] for r in rows):.3f} for full Algorithm 1.")
+    names = Approximations.names()
+
+    def ranked(prefix, what, fmt="{:.3f}"):
+        order = sorted(names, key=lambda n: -_nan_low(costs[f"{prefix}_{n}"][what]))
+        return order, ", ".join(f"{n} {_number(costs[f'{prefix}_{n}'][what], fmt)}" for n in order)
+
+    only, text = ranked("only", "mean_1_minus_cos")
+    add(f"Made alone, {only[0]} is the approximation that moves the gradient's direction most.",
+        f"Mean 1 − cosine to exact with one approximation made: {text}.")
+    only, text = ranked("only", "mean_abs_log10_ratio")
+    scale = costs[f"only_{only[0]}"]["mean_abs_log10_ratio"]
+    add(f"Made alone, {only[0]} is the one that moves the step size most (by a factor "
+        f"{_number(10 ** scale if math.isfinite(scale) else scale, '{:.2f}')} on average).",
+        f"Mean |log10 norm ratio| to exact with one approximation made: {text}.")
+    _, text = ranked("without", "mean_1_minus_cos")
+    full = _mean(1.0 - r["cosine"] for r in rows)
+    measured = {n: costs[f"without_{n}"]["mean_1_minus_cos"] for n in names}
+    best = min(names, key=lambda n: (not math.isfinite(measured[n]), measured[n]))  # NaN: could not measure
+    if measured[best] < full:
+        conclusion = f"Computing {best} exactly would bring Algorithm 1 closest to exact back-matching."
+    else:
+        conclusion = "No single approximation is to blame: undoing any one of them leaves Algorithm 1 as far " \
+                     "from exact back-matching."
+    add(conclusion, f"Mean 1 − cosine to exact of full Algorithm 1 {_number(full, '{:.3f}')}; of Algorithm 1 "
+        f"without one approximation: {text}.")
+
     spread = gradient_spread(rows)
-    out.append("Spread of ‖g_W‖/‖W‖ over layers (max/min) at step "
-               f"{first}: BP {spread[first]['bp']:.3g}, exact {spread[first]['exact']:.3g}, approx "
-               f"{spread[first]['approx']:.3g}; at step {last}: BP {spread[last]['bp']:.3g}, exact "
-               f"{spread[last]['exact']:.3g}, approx {spread[last]['approx']:.3g}.")
-    amp = max(rows, key=lambda r: r["amplification"])
-    out.append(f"Largest signal amplification (mean/min column norm): {amp['amplification']:.3g} at {amp['layer']}, "
-               f"step {amp['step']}; denominators' std/mean at step {last}: {per_layer(last, 'den_std_mean', '{:.2f}')}.")
-    gram = [r for r in rows if r["step"] == last]
-    out.append(f"G ≈ s·I check at step {last}, mean diag(G)/s: {per_layer(last, 'gram_scale', '{:.3g}')}; "
-               f"off-diagonal/diagonal norm: {per_layer(last, 'gram_offdiag', '{:.3g}')}.")
+    exact, bp = spread[last]["exact"], spread[last]["bp"]
+    if math.isfinite(exact) and math.isfinite(bp) and exact != bp:
+        conclusion = (f"Exact back-matching {'evens out' if exact < bp else 'spreads out'} the gradient size "
+                      f"relative to the weights across layers, compared with backprop (step {last}).")
+    else:
+        conclusion = f"Exact back-matching and backprop spread the relative gradient size alike (step {last})."
+
+    def spreads(step):
+        return ", ".join(f"{name} {_number(spread[step][method])}"
+                         for name, method in (("BP", "bp"), ("exact", "exact"), ("approx", "approx")))
+
+    add(conclusion, f"Max/min of ‖g_W‖/‖W‖ over layers at step {first}: {spreads(first)}"
+        + (f"; at step {last}: {spreads(last)}." if last != first else "."))
+
+    amp = max(rows, key=lambda r: _nan_low(r["amplification"]))
+    add(f"Exact back-matching gives a layer's weakest unit up to {_number(amp['amplification'])} times the "
+        f"average unit's signal ({amp['layer']}, step {amp['step']}).",
+        f"Largest mean/min squared column norm per layer at step {last}: "
+        f"{per_layer(last, 'amplification', '{:.3g}')}; denominators' std/mean: "
+        f"{per_layer(last, 'den_std_mean', '{:.2f}')}.")
+
+    gram = list(at[last].values())
+    scale_factor, _ = _largest_factor(gram, "gram_scale")
+    offdiag = max(_finite(r["gram_offdiag"] for r in gram), default=math.nan)
+    holds = scale_factor <= 2 and offdiag <= 0.5
+    add(f"Approximation (a), G ≈ s·I, {'roughly holds' if holds else 'does not hold'} at step {last}: the scale "
+        f"is off by up to a factor {_number(scale_factor)}, the off-diagonal part up to {_number(offdiag)} of "
+        "the diagonal.",
+        f"Mean diag(G)/s: {per_layer(last, 'gram_scale', '{:.3g}')}; off-diagonal/diagonal norm: "
+        f"{per_layer(last, 'gram_offdiag', '{:.3g}')}.")
+
     bn = [r for r in gram if math.isfinite(r["bn_var_ratio"])]
     if bn:
-        out.append(f"BN Var[a] / ‖W‖²_{{2,µ}} at step {last}: "
-                   + ", ".join(f"{r['layer']} {r['bn_var_ratio']:.3g}" for r in bn) + ".")
+        bn_factor, _ = _largest_factor(bn, "bn_var_ratio")
+        missing = [r["layer"] for r in gram if not math.isfinite(r["bn_var_ratio"])]
+        add(f"Approximation (c), Var[a] ≈ ‖W‖²_{{2,µ}} at the BatchNorm after a layer, is off by up to a factor "
+            f"{_number(bn_factor)} at step {last}.",
+            "Mean Var[a] / ‖W‖²_{2,µ}: " + ", ".join(f"{r['layer']} {r['bn_var_ratio']:.3g}" for r in bn)
+            + (f" ({', '.join(missing)}: no BatchNorm after it)." if missing else "."))
+
     f32 = _finite(r["f32_rel_diff"] for r in rows)
     if f32:
         worst = max((r for r in rows if math.isfinite(r["f32_rel_diff"])), key=lambda r: r["f32_rel_diff"])
-        out.append(f"float32 vs {dtype} exact gradients: relative difference at most "
-                   f"{worst['f32_rel_diff']:.1e} ({worst['layer']}, step {worst['step']}; condition of G there "
-                   f"{worst['condition']:.3g}), median {np.median(f32):.1e}.")
-    out.append("Cross-checks, largest relative difference over layers and checkpoints: fast exact backend vs "
-               f"reference backend {checks['reference_vs_exact']:.1e}, approx mode vs exact with every "
-               f"approximation switched on {checks['switches_vs_approx']:.1e}, bp mode vs autograd "
-               f"{checks['bp_mode_vs_autograd']:.1e}.")
+        if worst["f32_rel_diff"] < 1e-3:
+            conclusion = (f"float32 is enough for the exact gradients: they differ from {dtype} by at most "
+                          f"{worst['f32_rel_diff']:.1e}.")
+        else:
+            conclusion = (f"float32 is not enough for the exact gradients everywhere: they differ from {dtype} by "
+                          f"up to {worst['f32_rel_diff']:.1e} at {worst['layer']} (step {worst['step']}).")
+        add(conclusion, f"Relative difference float32 vs {dtype}: largest {worst['f32_rel_diff']:.1e} "
+            f"({worst['layer']}, step {worst['step']}; condition of G there {worst['condition']:.3g}), "
+            f"median {np.median(f32):.1e}.")
+
+    gap = max(checks[key] for key in CHECKS)
+    if gap < 1e-6:
+        conclusion = f"The engine agrees with its independent cross-checks (largest relative difference {gap:.1e})."
+    else:
+        conclusion = (f"The engine disagrees with a cross-check (largest relative difference {gap:.1e}): "
+                      "treat the numbers above with suspicion.")
+    add(conclusion, "Largest relative difference over layers and checkpoints: fast exact backend vs reference "
+        f"backend {checks['reference_vs_exact']:.1e}, approx mode vs exact with every approximation switched on "
+        f"{checks['switches_vs_approx']:.1e}, bp mode vs autograd {checks['bp_mode_vs_autograd']:.1e}.")
     return out
+
+
+def _nan_low(value: float) -> float:
+    """Sort key: ``value``, with NaN below everything."""
+    return value if math.isfinite(value) else -math.inf
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,29 +502,31 @@ CSV_COLUMNS = (["step", "layer", "kind", "cosine", "norm_ratio", "m_exact", "m_a
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``backmatch compare`` options."""
-    parser.add_argument("--data", default="default", help="'default' (shipped Fashion-MNIST subset) or a folder")
-    parser.add_argument("--model", default="lenet", choices=MODELS)
+    add_options(parser, "--data")
+    parser.add_argument("--model", default="lenet", choices=MODELS, help="network: LeNet-BN, VGG-BN or a CIFAR ResNet")
     parser.add_argument("--optim", default="sgd", choices=OPTIMIZERS, help="optimizer that trains the network")
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--steps", type=int, default=300, help="training steps")
-    parser.add_argument("--every", type=int, default=30, help="evaluate every this many steps (and at step 0)")
-    parser.add_argument("--batch-size", type=int, default=128, help="training batch size")
-    parser.add_argument("--eval-batch", type=int, default=128, help="size of the fixed evaluation batch")
-    parser.add_argument("--damping", type=float, default=0.0,
+    parser.add_argument("--lr", type=positive_float, default=0.05, help="learning rate of the training")
+    parser.add_argument("--momentum", type=fraction, default=0.9, help="momentum of the training")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="weight decay of the training")
+    parser.add_argument("--steps", type=non_negative_int, default=300,
+                        help="training steps (0: evaluate the initial weights only)")
+    parser.add_argument("--every", type=positive_int, default=30,
+                        help="evaluate every this many steps (and at step 0 and the last step)")
+    add_batch_size(parser, "training batch size")
+    parser.add_argument("--eval-batch", type=positive_int, default=128, help="size of the fixed evaluation batch")
+    parser.add_argument("--damping", type=non_negative_float, default=0.0,
                         help="λ of the exact mode being evaluated (and of the training, for --optim exact*)")
-    parser.add_argument("--signal-damping", type=float, default=0.0,
+    parser.add_argument("--signal-damping", type=non_negative_float, default=0.0,
                         help="μ of the exact mode being evaluated (and of the training, for --optim exact)")
     parser.add_argument("--eval-dtype", default="float64", choices=["float32", "float64"],
                         help="dtype of the evaluation copies (the exact solves run in it)")
     parser.add_argument("--no-float32-check", action="store_true",
                         help="skip the float32-vs-eval-dtype comparison of the exact gradients")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0: torch's default; 1 is faster when other jobs share the cores)")
-    parser.add_argument("--out", default="compare_out", help="output folder")
+    add_options(parser, "--seed", "--device", "--threads")
+    parser.add_argument("--out", default="compare_out",
+                        help="output folder; written only when the run ends, all files at once")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results in an --out that already holds files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -422,30 +538,63 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def _json_safe(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def run(args: argparse.Namespace) -> dict:
     """Train, evaluate at checkpoints, write ``layers.csv``, ``summary.json``, plots and ``report.md``.
 
-    Returns the summary dictionary (also written to ``summary.json``).
+    Checks ``--out`` and loads the data before anything is created; the files
+    are written into a hidden folder next to ``--out`` and moved there at the
+    end (:func:`~.common.staged_folder`). A run stopped early — Ctrl-C, or the
+    training diverging — still writes what its finished checkpoints measured,
+    and ``summary["stopped"]`` says why; Ctrl-C before the first checkpoint
+    writes nothing. Returns the summary dictionary (also written to ``summary.json``).
     """
-    if args.steps < 0 or args.every <= 0:
-        raise ValueError("--steps must be >= 0 and --every > 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_new_folder(out, args.overwrite)
+    dataset = load_data(args.data)
+    if args.optim == "exact" and args.damping == 0 and args.signal_damping == 0:
+        print(undamped_warning("compare", ["--optim exact"]), file=sys.stderr)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, losses, all_checks, eval_time, stopped = _measure(args, dataset)
+    if not rows:
+        raise KeyboardInterrupt  # (only Ctrl-C stops a run before its first checkpoint)
+
+    checks = {key: max(c[key] for c in all_checks) for key in CHECKS}
+    costs, spread = ablation_costs(rows), gradient_spread(rows)
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    last = max(r["step"] for r in rows)
+    summary = {
+        "settings": {k: v for k, v in vars(args).items() if k not in ("run", "command")},
+        "dataset": dataset.name, "eval_dtype": args.eval_dtype,
+        "checkpoints": sorted({r["step"] for r in rows}), "layers": layers,
+        "stopped": stopped,
+        "consistency": checks,
+        "final": {r["layer"]: {k: r[k] for k in CSV_COLUMNS if k in r} for r in rows if r["step"] == last},
+        "mean_over_checkpoints": {layer: {k: _mean(r[k] for r in rows if r["layer"] == layer)
+                                          for k in CSV_COLUMNS[3:] if k not in ("kind",)} for layer in layers},
+        "ablation_costs": costs,
+        "gradient_spread": spread,
+        "train_loss": losses,
+        "findings": findings(rows, checks, args.eval_dtype),
+    }
+    with staged_folder(out) as stage:
+        _write_csv(stage / "layers.csv", rows)
+        summary["figures"] = compare_figures(rows, losses, stage, Approximations.names(), costs, spread)
+        total = time.perf_counter() - start
+        summary["timing_s"] = {"total": total, "evaluation": eval_time, "training": total - eval_time}
+        (stage / "summary.json").write_text(to_json(summary, indent=1))
+        (stage / "report.md").write_text(report(summary, rows))
+    return summary
+
+
+def _measure(args: argparse.Namespace, dataset: data.Dataset):
+    """The training run and its checkpoints: ``(rows, losses, checks per checkpoint, evaluation seconds, stopped)``.
+
+    ``stopped`` is None for a run that reached ``--steps``, else ``{"why": "interrupted" | "diverged", "step",
+    "message"}``: Ctrl-C and a diverging training end the run early, keeping the checkpoints measured so far.
+    """
     device = torch.device(args.device)
-    dataset = data.load(args.data)
     build = functools.partial(build_model, args.model, dataset.in_channels, dataset.num_classes)
     torch.manual_seed(args.seed)
     model = build().to(device)
@@ -467,86 +616,77 @@ def run(args: argparse.Namespace) -> dict:
     eval_time = 0.0
     checkpoints = set(range(0, args.steps + 1, args.every)) | {args.steps}
     progress = tqdm(total=args.steps, desc="compare", unit="step", disable=args.no_progress)
-    step, train_loss = 0, float("nan")
+    step, train_loss, stopped = 0, float("nan"), None
     batches = iter(())
-    while True:
-        if step in checkpoints:
-            tick = time.perf_counter()
-            f32 = None if args.no_float32_check else copy_of_model(torch.float32)
-            step_rows, checks = evaluate(copy_of_model(eval_dtype), x_eval, y_eval, args.damping,
-                                         args.signal_damping, float32_model=f32)
-            for row in step_rows:
-                row.update(step=step, train_loss=train_loss, eval_loss=checks["loss"])
-            rows += step_rows
-            all_checks.append(checks)
-            eval_time += time.perf_counter() - tick
-            progress.set_postfix(loss=f"{train_loss:.3f}", cos=f"{min(r['cosine'] for r in step_rows):.3f}")
-        if step == args.steps:
-            break
-        idx = next(batches, None)
-        if idx is None:
-            batches = data.batches(len(dataset.y_train), args.batch_size, generator)
-            idx = next(batches)
-        x, y = dataset.x_train[idx].to(device), dataset.y_train[idx].to(device)
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        train_loss = loss.item()
-        losses.append(train_loss)
-        if not math.isfinite(train_loss):
-            progress.close()
-            raise FloatingPointError(f"training diverged at step {step + 1}: loss {train_loss}")
-        step += 1
-        progress.update(1)
-    progress.close()
-    if engine is not None:
-        engine.detach()
-
-    checks = {key: max(c[key] for c in all_checks) for key in CHECKS}
-    text = findings(rows, checks, args.eval_dtype)
-    _write_csv(out / "layers.csv", rows)
-    costs, spread = ablation_costs(rows), gradient_spread(rows)
-    figures = compare_figures(rows, losses, out, Approximations.names(), costs, spread)
-    total = time.perf_counter() - start
-    layers = list(dict.fromkeys(r["layer"] for r in rows))
-    last = max(r["step"] for r in rows)
-    summary = {
-        "settings": {k: v for k, v in vars(args).items() if k not in ("run",)},
-        "dataset": dataset.name, "eval_dtype": args.eval_dtype,
-        "checkpoints": sorted(checkpoints), "layers": layers,
-        "timing_s": {"total": total, "evaluation": eval_time, "training": total - eval_time},
-        "consistency": checks,
-        "final": {r["layer"]: {k: r[k] for k in CSV_COLUMNS if k in r} for r in rows if r["step"] == last},
-        "mean_over_checkpoints": {layer: {k: _mean(r[k] for r in rows if r["layer"] == layer)
-                                          for k in CSV_COLUMNS[3:] if k not in ("kind",)} for layer in layers},
-        "ablation_costs": costs,
-        "gradient_spread": spread,
-        "train_loss": losses,
-        "figures": figures,
-        "findings": text,
-    }
-    with open(out / "summary.json", "w") as f:
-        json.dump(_json_safe(summary), f, indent=1)
-    (out / "report.md").write_text(report(summary, rows))
-    return summary
+    try:
+        while True:
+            if step in checkpoints:
+                tick = time.perf_counter()
+                f32 = None if args.no_float32_check else copy_of_model(torch.float32)
+                step_rows, checks = evaluate(copy_of_model(eval_dtype), x_eval, y_eval, args.damping,
+                                             args.signal_damping, float32_model=f32)
+                for row in step_rows:
+                    row.update(step=step, train_loss=train_loss, eval_loss=checks["loss"])
+                rows += step_rows
+                all_checks.append(checks)
+                eval_time += time.perf_counter() - tick
+                progress.set_postfix(loss=f"{train_loss:.3f}", cos=f"{min(r['cosine'] for r in step_rows):.3f}")
+            if step == args.steps:
+                break
+            idx = next(batches, None)
+            if idx is None:
+                batches = data.batches(len(dataset.y_train), args.batch_size, generator)
+                idx = next(batches)
+            x, y = dataset.x_train[idx].to(device), dataset.y_train[idx].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+            except (bm.NonFiniteError, bm.SolveError) as err:
+                stopped = {"why": "diverged", "step": step + 1, "message": f"{type(err).__name__}: {err}"}
+                break
+            optimizer.step()
+            train_loss = loss.item()
+            losses.append(train_loss)
+            if not math.isfinite(train_loss):
+                stopped = {"why": "diverged", "step": step + 1, "message": f"training loss {train_loss}"}
+                break
+            step += 1
+            progress.update(1)
+    except KeyboardInterrupt:
+        stopped = {"why": "interrupted", "step": step, "message": f"Ctrl-C at step {step} of {args.steps}"}
+    finally:
+        progress.close()
+        if engine is not None:
+            engine.detach()
+    return rows, losses, all_checks, eval_time, stopped
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
-    def cell(v):
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    def cell(value):
+        return _number(value) if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
+def _ablation_meaning(key: str) -> str:
+    """What an ablation setting is: exact + one approximation, or Algorithm 1 without one."""
+    kind, name = key.split("_", 1)
+    if kind == "only":
+        return f"exact + {name}: {DESCRIPTIONS[name]}"
+    return f"Algorithm 1 without {name}, i.e. every approximation but this one: {DESCRIPTIONS[name]}"
+
+
 def report(summary: dict, rows: list[dict]) -> str:
-    """``report.md``: settings, findings in numbers, per-layer tables and the plots."""
+    """``report.md``: settings, findings (a conclusion, then its numbers), per-layer tables and the plots."""
     s = summary["settings"]
     last = max(r["step"] for r in rows)
     first = min(r["step"] for r in rows)
     costs = summary["ablation_costs"]
+    stopped = summary.get("stopped")
+    no_bn = [r["layer"] for r in rows if r["step"] == last and not math.isfinite(r["bn_var_ratio"])]
     parts = [
         "# Exact back-matching vs Algorithm 1",
         "",
@@ -556,9 +696,11 @@ def report(summary: dict, rows: list[dict]) -> str:
         f"λ = {s['damping']}, signal damping μ = {s['signal_damping']}. Total time "
         f"{summary['timing_s']['total']:.0f} s ({summary['timing_s']['evaluation']:.0f} s evaluating).",
         "",
+        *([f"**Stopped early** ({stopped['why']}: {stopped['message']}): the findings cover the "
+           f"{len(summary['checkpoints'])} checkpoints up to step {last}.", ""] if stopped else []),
         "## Findings",
         "",
-        *[f"- {line}" for line in summary["findings"]],
+        *[f"- **{f['conclusion']}** {f['numbers']}" for f in summary["findings"]],
         "",
         f"## Per layer at step {first} and step {last}",
         "",
@@ -566,12 +708,15 @@ def report(summary: dict, rows: list[dict]) -> str:
                ["step", "layer", "cosine", "norm_ratio", "m_exact", "m_approx", "rel_bp", "rel_exact", "rel_approx",
                 "amplification", "den_std_mean", "gram_scale", "bn_var_ratio"]),
         "",
+        "– : no value." + (f" bn_var_ratio is measured at the BatchNorm after a layer, and {', '.join(no_bn)} has "
+                           "none after it." if no_bn else ""),
+        "",
         "## Ablations",
         "",
-        "Each row is exact back-matching with one approximation switched on (`only_*`), or Algorithm 1 with one "
-        "switched off (`without_*`), compared with exact: mean over layers and checkpoints.",
+        "Each row is exact back-matching with one of Algorithm 1's approximations made (`only_*`), or Algorithm 1 "
+        "with one of them undone (`without_*`), compared with exact: mean over layers and checkpoints.",
         "",
-        _table([{"setting": key, "meaning": DESCRIPTIONS[key.split("_", 1)[1]],
+        _table([{"setting": key, "meaning": _ablation_meaning(key),
                  "mean 1-cos": costs[key]["mean_1_minus_cos"],
                  "mean abs log10 norm ratio": costs[key]["mean_abs_log10_ratio"]} for key in costs],
                ["setting", "meaning", "mean 1-cos", "mean abs log10 norm ratio"]),
@@ -583,16 +728,25 @@ def report(summary: dict, rows: list[dict]) -> str:
         "layer's input (backprop over exact signal), `m_approx` = Algorithm 1's m·r there; `rel_*` = ‖g_W‖/‖W‖; "
         "`amplification` = mean/min signal denominator (engine stats); `den_*` = spread of the per-unit "
         "denominators; `gram_scale` = mean diag(G)/s; `bn_var_ratio` = mean Var[a]/‖W‖²_{2,µ} at the BatchNorm "
-        "after the layer; `f32_cosine` = float32 exact vs the evaluation dtype's; `only_*`/`without_*` = ablations.",
+        "after the layer (nan when there is none); `f32_cosine` = float32 exact vs the evaluation dtype's; "
+        "`only_*`/`without_*` = ablations.",
         "",
     ]
     return "\n".join(parts)
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point of ``backmatch compare``."""
+    """Entry point of ``backmatch compare``: 0, 130 after Ctrl-C, 1 when the training diverged."""
     summary = run(args)
-    print("\n".join(summary["findings"]))
+    print("\n".join(f"{f['conclusion']} {f['numbers']}" for f in summary["findings"]))
     print(f"wrote {args.out}/layers.csv, summary.json, report.md and {len(summary['figures'])} plots "
           f"in {summary['timing_s']['total']:.0f} s")
-    return 0
+    stopped = summary["stopped"]
+    if stopped is None:
+        return 0
+    kept = f"{args.out} holds the {len(summary['checkpoints'])} checkpoints before it"
+    if stopped["why"] == "interrupted":
+        print(f"backmatch compare: interrupted at step {stopped['step']}; {kept}", file=sys.stderr)
+        return 130
+    raise CommandError(f"the training diverged at step {stopped['step']} ({stopped['message']}); {kept}; "
+                       "try a smaller --lr, or --damping 1 --signal-damping 1", status=1)

@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import matplotlib.transforms as mtransforms  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _by_layer(rows: list[dict]) -> dict[str, list[dict]]:
@@ -23,19 +24,38 @@ def _by_layer(rows: list[dict]) -> dict[str, list[dict]]:
     return layers
 
 
-def _per_layer_lines(ax, rows: list[dict], key: str, log: bool = False, style: str = "-o", label_suffix=""):
+def _per_layer_lines(ax, rows: list[dict], key: str, log: bool = False, style: str = "-o"):
     for layer, lrows in _by_layer(rows).items():
         values = [r[key] for r in lrows]
         if log and any(v is not None and v > 0 for v in values):
             ax.set_yscale("log")
-        ax.plot([r["step"] for r in lrows], values, style, ms=3, label=layer + label_suffix)
+        ax.plot([r["step"] for r in lrows], values, style, ms=3, label=layer)
+
+
+def _axes(ax, title: str, ylabel: str, xlabel: str = "step") -> None:
+    """Title and axis labels; a step or epoch axis gets integer ticks (a short run has few steps)."""
+    ax.set(title=title, ylabel=ylabel, xlabel=xlabel)
+    if xlabel in ("step", "epoch"):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
+def _legend_right(fig, ax, title: str, extra: tuple = ()) -> None:
+    """One legend for the figure, right of the axes (clear of every line and bar): ``ax``'s labelled lines,
+    then the ``(handle, label)`` pairs ``extra``."""
+    handles, labels = ax.get_legend_handles_labels()
+    handles += [handle for handle, _ in extra]
+    labels += [label for _, label in extra]
+    fig.legend(handles, labels, title=title, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 0.95))
 
 
 def _save(fig, out: Path, name: str) -> str:
     fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
+    fig.savefig(out / name, dpi=110, bbox_inches="tight")  # (bbox: keeps a legend outside the axes)
     plt.close(fig)
     return name
+
+
+NORM_W = r"$\|W\|^2_{2,\mu}$"
 
 
 def compare_figures(rows: list[dict], losses: list[float], out: Path, approximation_names: list[str],
@@ -55,14 +75,14 @@ def compare_figures(rows: list[dict], losses: list[float], out: Path, approximat
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     _per_layer_lines(axes[0], rows, "cosine")
-    axes[0].set(title="cosine(exact g'_W, approx g̃_W)", xlabel="step")
+    _axes(axes[0], "Algorithm 1 vs exact: direction", r"cosine$(g'_W, \tilde g_W)$")
     _per_layer_lines(axes[1], rows, "norm_ratio", log=True)
     axes[1].axhline(1.0, color="grey", lw=0.8)
-    axes[1].set(title="norm ratio ‖g̃_W‖ / ‖g'_W‖", xlabel="step")
+    _axes(axes[1], "Algorithm 1 vs exact: size (1 = equal)", r"$\|\tilde g_W\| \,/\, \|g'_W\|$")
     if losses:
         axes[2].plot(range(1, len(losses) + 1), losses, lw=0.8)
-    axes[2].set(title="training loss", xlabel="step")
-    axes[0].legend(fontsize=8)
+    _axes(axes[2], "training loss", "cross-entropy of the batch")
+    _legend_right(fig, axes[0], "layer")
     names.append(_save(fig, out, "agreement.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -70,51 +90,56 @@ def compare_figures(rows: list[dict], losses: list[float], out: Path, approximat
         line, = axes[0].plot([r["step"] for r in lrows], [r["m_exact"] for r in lrows], "-o", ms=3, label=layer)
         axes[0].plot([r["step"] for r in lrows], [r["m_approx"] for r in lrows], "--", color=line.get_color())
     axes[0].set_yscale("log")
-    axes[0].set(title="backward factor at layer input: exact (solid) vs Algorithm 1 (dashed)", xlabel="step")
-    axes[0].legend(fontsize=8)
+    _axes(axes[0], "backward factor at the layer's input\nexact (solid) vs Algorithm 1 (dashed)",
+          r"$\|g_a\| \,/\, \|g'_a\|$")
     _per_layer_lines(axes[1], rows, "m_ratio", log=True)
     axes[1].axhline(1.0, color="grey", lw=0.8)
-    axes[1].set(title="m_approx / m_exact", xlabel="step")
+    _axes(axes[1], "Algorithm 1's backward factor over the exact one", r"$m_{approx} \,/\, m_{exact}$")
+    _legend_right(fig, axes[0], "layer")
     names.append(_save(fig, out, "backward_factor.png"))
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
     width = 0.8 / len(approximation_names)
     x = range(len(layers))
+    highest = 0.0
     for k, name in enumerate(approximation_names):
         for ax, prefix in zip(axes, ("only", "without")):
-            per_layer = [_mean_over_steps(rows, layer, f"{prefix}_{name}_cos") for layer in layers]
-            ax.bar([i + k * width for i in x], [1 - v for v in per_layer], width,
+            costs_per_layer = [1 - _mean_over_steps(rows, layer, f"{prefix}_{name}_cos") for layer in layers]
+            highest = max([highest] + [v for v in costs_per_layer if v == v])
+            ax.bar([i + k * width for i in x], costs_per_layer, width,
                    label=f"{name} ({costs[f'{prefix}_{name}']['mean_1_minus_cos']:.3f})")
-    for ax, title in zip(axes, ("exact + one approximation", "Algorithm 1 − one approximation")):
+    for ax, title in zip(axes, ("exact + one approximation", "Algorithm 1 without one approximation")):
         ax.set_xticks([i + 0.4 - width / 2 for i in x], layers)
         ax.set_yscale("symlog", linthresh=1e-3)
-        ax.set(title=f"{title}: 1 − cosine vs exact (mean over steps)")
-        ax.legend(fontsize=8)
+        ax.set_ylim(0, 1 if highest <= 1 else 2)  # 1 - cosine lies in [0, 2]
+        _axes(ax, title, "1 − cosine to exact (mean over checkpoints)", xlabel="layer")
+        ax.legend(title="approximation (mean)", fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                  ncol=3)
+    axes[1].yaxis.set_tick_params(labelleft=True)
     names.append(_save(fig, out, "ablations.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for method, style in (("bp", "-o"), ("exact", "-s"), ("approx", "-^")):
         axes[0].plot(layers, [r[f"rel_{method}"] for r in at_last], style, label=method)
     axes[0].set_yscale("log")
-    axes[0].set(title=f"‖g_W‖ / ‖W‖ per layer at step {last}")
-    axes[0].legend()
+    _axes(axes[0], f"relative gradient size per layer at step {last}", r"$\|g_W\| \,/\, \|W\|$", xlabel="layer")
     steps = sorted(spread)
     for method in ("bp", "exact", "approx"):
         axes[1].plot(steps, [spread[s][method] for s in steps], "-o", ms=3, label=method)
     axes[1].set_yscale("log")
-    axes[1].set(title="spread over layers: max/min of ‖g_W‖/‖W‖", xlabel="step")
-    axes[1].legend()
+    _axes(axes[1], "spread over layers", r"max/min over layers of $\|g_W\| \,/\, \|W\|$")
+    _legend_right(fig, axes[0], "gradient")
     names.append(_save(fig, out, "gradient_spread.png"))
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     _per_layer_lines(axes[0], rows, "amplification", log=True)
-    axes[0].set(title="signal amplification (mean/min denominator)", xlabel="step")
-    axes[0].legend(fontsize=8)
+    _axes(axes[0], "signal amplification", "mean / min squared column norm")
     _per_layer_lines(axes[1], rows, "den_std_mean")
-    axes[1].set(title="denominators: std/mean", xlabel="step")
+    _axes(axes[1], "spread of the signal denominators", "std / mean")
     _per_layer_lines(axes[2], [r for r in rows if r["bn_var_ratio"] == r["bn_var_ratio"]], "bn_var_ratio", log=True)
     axes[2].axhline(1.0, color="grey", lw=0.8)
-    axes[2].set(title="BN: mean Var[a] / ‖W‖²_{2,µ}", xlabel="step")
+    _axes(axes[2], f"BatchNorm after the layer: Var[a] vs {NORM_W}", f"mean Var[a] / {NORM_W}")
+    _legend_right(fig, axes[0], "layer")
     names.append(_save(fig, out, "amplification.png"))
     return names
 
@@ -128,7 +153,7 @@ def training_curves(groups: dict[str, dict[int, list[dict]]], path: Path) -> Non
     """Paper Fig. 2 style: training loss and test error vs epoch, one line per config (mean over seeds).
 
     ``groups``: the ``results.jsonl`` lines as ``{label: {seed: [lines in epoch order]}}``
-    (``train.group_results``). Runs that diverged are marked with an ✕ at the top
+    (``train.group_results``). Runs that diverged are marked with an × at the top
     of both panels, at the epoch where they diverged.
     """
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -161,13 +186,8 @@ def training_curves(groups: dict[str, dict[int, list[dict]]], path: Path) -> Non
                                         clip_on=False, label=None if color else f"{label} (diverged)")
                         color = mark.get_color()
     axes[0].set_yscale("log")
-    axes[0].set(title="training loss", xlabel="epoch")
-    axes[1].set(title="test error (%)", xlabel="epoch")
-    handles, labels = axes[0].get_legend_handles_labels()
-    if diverged_any:
-        labels = labels + ["✕ diverged"]
-        handles = handles + [plt.Line2D([], [], ls="", marker="x", color="k")]
-    axes[1].legend(handles, labels, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _axes(axes[0], "training loss", "mean cross-entropy of the epoch", xlabel="epoch")
+    _axes(axes[1], "test error", "test error (%)", xlabel="epoch")
+    marker = (plt.Line2D([], [], ls="", marker="x", color="k"), "× diverged (at the top)")
+    _legend_right(fig, axes[0], "configuration", extra=[marker] if diverged_any else [])
+    _save(fig, Path(path).parent, Path(path).name)

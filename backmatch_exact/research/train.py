@@ -13,8 +13,9 @@ how they turn gradients into steps. Optimizers:
 
 Output folder:
 
-``results.jsonl``   one JSON line per configuration and finished epoch (flushed as it goes);
-                    a diverged configuration gets a last line with ``"diverged": true``
+``results.jsonl``   one strict-JSON line per configuration and finished epoch (flushed as it goes),
+                    with the configuration's ``"status"`` after that epoch (below); a diverged
+                    configuration gets a last line with ``"diverged": true``
 ``checkpoints/``    per configuration: model, optimizer, generator and RNG state, epoch —
                     what ``--resume`` continues from (to the same numbers as an uninterrupted run)
 ``args.json``       the options of the run
@@ -24,6 +25,13 @@ Output folder:
 A configuration that diverges — a non-finite loss (or one above ``--max-loss``),
 or the engine raising ``NonFiniteError`` / ``SolveError`` — is recorded with its
 step and last finite loss, and the run goes on with the next configuration.
+
+``"status"`` of a configuration: ``"diverged"`` as above; ``"unstable"`` when it
+finished but its last epoch's mean training loss is above its *initial loss*, the
+loss of its first training step (the first mini-batch, on the initial weights:
+``"initial_loss"`` in every line); ``"done"`` otherwise. ``summary.md`` counts
+them per configuration. An exact run with λ = μ = 0 is warned about at the start:
+it usually ends unstable or diverged.
 
 Several processes (``torchrun --nproc_per_node N -m backmatch_exact.cli train ...``):
 the model is wrapped in ``DistributedDataParallel`` ("gloo" on CPU, "nccl" on
@@ -46,6 +54,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -58,7 +67,26 @@ from tqdm import tqdm
 import backmatch_exact as bm
 
 from .. import data
-from .common import MODELS, OPTIMIZERS, build_model, make_optimizer
+from .common import (
+    MODELS,
+    OPTIMIZERS,
+    CommandError,
+    add_batch_size,
+    add_options,
+    build_model,
+    created_folder,
+    fraction,
+    json_safe,
+    load_data,
+    make_optimizer,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_float_or_inf,
+    positive_int,
+    to_json,
+    undamped_warning,
+)
 from .figures import training_curves
 
 #: options that must not change when a run is resumed (they change what an epoch computes);
@@ -212,7 +240,7 @@ def read_results(path: Path) -> list[dict]:
 
 def _append_line(path: Path, record: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(to_json(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -249,7 +277,7 @@ def _prune_results(out: Path) -> None:
         if line["epoch"] <= ckpt["epoch"] or (line.get("diverged") and ckpt["status"] == "diverged"):
             kept.append(line)
     tmp = path.with_name("results.jsonl.tmp")
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
+    tmp.write_text("".join(to_json(line) + "\n" for line in kept))
     os.replace(tmp, path)
 
 
@@ -284,8 +312,9 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
 
     ``tensors``: ``x_train, y_train, x_test, y_test`` on the device, plus
     ``in_channels`` and ``num_classes``. Appends one line per epoch to
-    ``out/results.jsonl`` and checkpoints after each (rank 0 only). Returns
-    ``"done"`` or ``"diverged"``. A KeyboardInterrupt loses only the epoch in progress.
+    ``out/results.jsonl`` and checkpoints after each (rank 0 only). Returns the
+    configuration's status: ``"done"``, ``"unstable"`` or ``"diverged"`` (module
+    docstring). A KeyboardInterrupt loses only the epoch in progress.
     """
     ckpt_path = _checkpoint_path(out, config)
     ckpt = ranks.from_leader(_load_checkpoint(ckpt_path) if ranks.leader else None)
@@ -302,7 +331,7 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
     optimizer, engine = make_optimizer(config.optim, net, config.lr, args.momentum, args.nesterov,
                                        args.weight_decay, config.damping, config.signal_damping)
     generator = torch.Generator().manual_seed(config.seed)
-    epoch, step, wall, last_loss = 0, 0, 0.0, None
+    epoch, step, wall, last_loss, initial_loss, status = 0, 0, 0.0, None, None, "done"
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -311,6 +340,7 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
         if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         epoch, step, wall, last_loss = ckpt["epoch"], ckpt["step"], ckpt["wall_time_s"], ckpt["last_loss"]
+        initial_loss = ckpt.get("initial_loss")
     base = dataclasses.asdict(config) | {"config": config.key, "label": config.label}
     x_train, y_train = tensors["x_train"], tensors["y_train"]
     n = len(y_train)
@@ -349,6 +379,8 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
                     raise Diverged(step, f"{type(err).__name__}: {err}") from None
                 optimizer.step()
                 last_loss = value
+                if step == 1:
+                    initial_loss = value
                 max_loss = max(max_loss, value)
                 loss_sum += local * len(y)
                 correct += int((logits.detach().argmax(1) == y).sum())
@@ -361,13 +393,16 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
             epoch += 1
             epoch_time = time.perf_counter() - tick
             wall += epoch_time
+            status = "unstable" if initial_loss is not None and loss_sum / seen > initial_loss else "done"
             record = base | {"epoch": epoch, "step": step, "lr_now": lr_now, "train_loss": loss_sum / seen,
-                             "max_train_loss": max_loss, "train_acc": correct / seen, "test_loss": test_loss,
-                             "test_acc": test_acc, "epoch_time_s": epoch_time, "wall_time_s": wall, "diverged": False}
+                             "initial_loss": initial_loss, "max_train_loss": max_loss, "train_acc": correct / seen,
+                             "test_loss": test_loss, "test_acc": test_acc, "epoch_time_s": epoch_time,
+                             "wall_time_s": wall, "status": status, "diverged": False}
             if ranks.leader:
                 _append_line(out / "results.jsonl", record)
                 _atomic_save({"config": dataclasses.asdict(config), "status": "running", "epoch": epoch,
-                              "step": step, "wall_time_s": wall, "last_loss": last_loss, "model": model.state_dict(),
+                              "step": step, "wall_time_s": wall, "last_loss": last_loss,
+                              "initial_loss": initial_loss, "model": model.state_dict(),
                               "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                               "torch_rng": torch.get_rng_state(),
                               "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -375,12 +410,15 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
             if progress is not None:
                 progress.update(1)
                 progress.write(f"{config.label} seed {config.seed} epoch {epoch}: train loss "
-                               f"{record['train_loss']:.4f}, test acc {test_acc:.4f} ({epoch_time:.1f} s)")
-        return "done"
+                               f"{record['train_loss']:.4f}, test acc {test_acc:.4f} ({epoch_time:.1f} s)"
+                               + (f"; UNSTABLE: above the initial loss {initial_loss:.4f}"
+                                  if status == "unstable" else ""))
+        return status
     except Diverged as err:
         wall += time.perf_counter() - tick
-        record = base | {"epoch": epoch + 1, "step": err.step, "diverged": True, "reason": err.reason,
-                         "last_finite_loss": last_loss, "wall_time_s": wall}
+        record = base | {"epoch": epoch + 1, "step": err.step, "status": "diverged", "diverged": True,
+                         "reason": err.reason, "last_finite_loss": last_loss, "initial_loss": initial_loss,
+                         "wall_time_s": wall}
         if ranks.leader:
             _append_line(out / "results.jsonl", record)
             _atomic_save({"config": dataclasses.asdict(config), "status": "diverged", "epoch": epoch,
@@ -420,22 +458,43 @@ def group_results(results: list[dict]) -> dict[str, dict[int, list[dict]]]:
     return groups
 
 
+def status_of(line: dict) -> str:
+    """A ``results.jsonl`` line's status (lines written before there was one: from ``"diverged"``)."""
+    return line.get("status") or ("diverged" if line.get("diverged") else "done")
+
+
+def _status_cell(seeds: dict[int, list[dict]]) -> str:
+    """How the seeds of one configuration ended: ``done 3/3``, or the unstable and diverged ones, bold."""
+    ended = {seed: runs[-1] for seed, runs in sorted(seeds.items())}
+    parts = []
+    for status in ("diverged", "unstable"):
+        details = []
+        for seed, line in ended.items():
+            if status_of(line) != status:
+                continue
+            if status == "diverged":
+                loss = line.get("last_finite_loss")
+                details.append(f"seed {seed}: epoch {line['epoch']}, step {line['step']}, last loss "
+                               + (f"{loss:.3g}" if loss is not None else "none"))
+            else:
+                details.append(f"seed {seed}: train loss {line['train_loss']:.3g} > initial "
+                               f"{line['initial_loss']:.3g}")
+        if details:
+            parts.append(f"**{status} {len(details)}/{len(ended)}** ({'; '.join(details)})")
+    done = sum(status_of(line) == "done" for line in ended.values())
+    return "; ".join(parts + ([f"done {done}/{len(ended)}"] if done else []))
+
+
 def summary_table(results: list[dict]) -> str:
-    """Markdown table: per label, mean ± std over seeds of final and best test accuracy (%), divergences."""
+    """Markdown table: per label, mean ± std over seeds of final and best test accuracy (%), how the seeds ended."""
     header = ["config", "seeds", "epochs", "final test acc %", "best test acc %", "final train loss",
-              "peak step loss", "s / epoch", "diverged"]
+              "peak step loss", "s / epoch", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, seeds in group_results(results).items():
-        finals, bests, losses, peaks, times, diverged, epochs = [], [], [], [], [], [], []
-        for seed, runs in sorted(seeds.items()):
+        finals, bests, losses, peaks, times, epochs = [], [], [], [], [], []
+        for runs in seeds.values():
             done = [r for r in runs if not r.get("diverged")]
-            div = [r for r in runs if r.get("diverged")]
-            if div:
-                d = div[0]
-                loss = d.get("last_finite_loss")
-                diverged.append(f"seed {seed}: epoch {d['epoch']}, step {d['step']}, last loss "
-                                + (f"{loss:.3g}" if loss is not None else "none"))
-            elif done:
+            if done and not runs[-1].get("diverged"):
                 finals.append(done[-1]["test_acc"])
                 losses.append(done[-1]["train_loss"])
             if done:
@@ -443,13 +502,12 @@ def summary_table(results: list[dict]) -> str:
                 peaks += [r["max_train_loss"] for r in done if "max_train_loss" in r]
                 times += [r["epoch_time_s"] for r in done]
                 epochs.append(done[-1]["epoch"])
-        n_seeds = len(seeds)
-        cells = [label, str(n_seeds), "/".join(str(e) for e in sorted(set(epochs))) or "0",
+        cells = [label, str(len(seeds)), "/".join(str(e) for e in sorted(set(epochs))) or "0",
                  _mean_std(finals) if finals else "diverged",
                  _mean_std(bests), f"{sum(losses) / len(losses):.4f}" if losses else "–",
                  f"{max(peaks):.3g}" if peaks else "–",
                  f"{sum(times) / len(times):.1f}" if times else "–",
-                 f"**{len(diverged)}/{n_seeds}** ({'; '.join(diverged)})" if diverged else "0"]
+                 _status_cell(seeds)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -468,7 +526,9 @@ def summarize(out: Path) -> str:
                  + f", weight decay {args.get('weight_decay')}, lr × {args.get('lr_decay')} every "
                  f"{args.get('decay_every')} epochs" + (", augmented" if args.get("augment") else "") + ".", ""]
     text += ["Mean ± std over seeds; final accuracy over the seeds that did not diverge. Accuracies on the test set; "
-             "peak step loss: the largest mini-batch loss of any seed in any finished epoch.",
+             "peak step loss: the largest mini-batch loss of any seed in any finished epoch. Status: diverged = "
+             "a non-finite loss or solve; unstable = finished, but the last epoch's mean training loss is above "
+             "the loss of the first training step.",
              "", summary_table(results), ""]
     if results:
         training_curves(group_results(results), out / "curves.png")
@@ -485,57 +545,71 @@ def summarize(out: Path) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``backmatch train`` options."""
-    parser.add_argument("--optim", nargs="+", default=["sgd"], choices=OPTIMIZERS)
-    parser.add_argument("--lr", nargs="+", type=float, default=[0.05], help="learning rates (swept)")
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--nesterov", action="store_true")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--damping", nargs="+", type=float, default=[0.0],
+    parser.add_argument("--optim", nargs="+", default=["sgd"], choices=OPTIMIZERS, metavar="OPTIM",
+                        help=f"optimizers (swept): {', '.join(OPTIMIZERS)}")
+    parser.add_argument("--lr", nargs="+", type=positive_float, default=[0.05], help="learning rates (swept)")
+    parser.add_argument("--momentum", type=fraction, default=0.9, help="momentum of every optimizer")
+    parser.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="weight decay")
+    parser.add_argument("--damping", nargs="+", type=non_negative_float, default=[0.0],
                         help="λ of exact / exact_weights, relative to mean diag G (swept)")
-    parser.add_argument("--signal-damping", nargs="+", type=float, default=[0.0], help="μ of exact (swept)")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--lr-decay", type=float, default=0.2, help="multiply the lr by this ...")
-    parser.add_argument("--decay-every", type=int, default=60, help="... every this many epochs")
+    parser.add_argument("--signal-damping", nargs="+", type=non_negative_float, default=[0.0],
+                        help="μ of exact, relative to the mean signal denominator (swept)")
+    parser.add_argument("--epochs", type=positive_int, default=10, help="epochs per configuration")
+    parser.add_argument("--lr-decay", type=positive_float, default=0.2, help="multiply the lr by this ...")
+    parser.add_argument("--decay-every", type=positive_int, default=60, help="... every this many epochs")
     parser.add_argument("--augment", action="store_true", help="random flips and rotations (data.augment)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--max-loss", type=float, default=math.inf,
-                        help="count a training loss above this as divergence too (default: only non-finite)")
-    parser.add_argument("--model", default="lenet", choices=MODELS)
-    parser.add_argument("--data", default="default", help="'default' (shipped Fashion-MNIST subset) or a folder")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--train-subset", type=int, default=0, help="train on the first N examples (0: all)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0: torch's default; 1 is faster when other jobs share the cores)")
+    parser.add_argument("--seeds", nargs="+", type=non_negative_int, default=[0],
+                        help="seeds (swept): initial weights, batch order, augmentation")
+    parser.add_argument("--max-loss", type=positive_float_or_inf, default=math.inf,
+                        help="count a training loss above this as divergence too (inf: only non-finite)")
+    parser.add_argument("--model", default="lenet", choices=MODELS, help="network: LeNet-BN, VGG-BN or a CIFAR ResNet")
+    add_options(parser, "--data")
+    add_batch_size(parser, "training batch size (under torchrun: the global batch)")
+    parser.add_argument("--train-subset", type=non_negative_int, default=0,
+                        help="train on the first N training examples (0: all)")
+    add_options(parser, "--dtype", "--device", "--threads")
     parser.add_argument("--out", default="train_out", help="output folder")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
-    parser.add_argument("--overwrite", action="store_true", help="start over, deleting the results in --out")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its checkpoints (a new --out starts fresh)")
+    again.add_argument("--overwrite", action="store_true", help="start over, deleting the results in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _settings(args: argparse.Namespace) -> dict:
+    """The options a resumed run must share with the run it continues, as ``args.json`` stores them."""
+    return json_safe({k: getattr(args, k) for k in RESUME_KEYS})
+
+
+def _check_folder(out: Path, args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` this run must not write into, before anything is written (:class:`CommandError`)."""
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} is a file, not a folder")
+    has_results = (out / "results.jsonl").exists() or any((out / "checkpoints").glob("*"))
+    if args.resume and (out / "args.json").exists():
+        old = json.loads((out / "args.json").read_text())
+        changed = {k: (old.get(k), v) for k, v in _settings(args).items() if json_safe(old.get(k)) != v}
+        if changed:
+            raise CommandError(f"--resume with different options than the run in {out}: "
+                               + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+    elif has_results and not args.resume and not args.overwrite:
+        raise CommandError(f"--out {out} already holds results: pass --resume to continue or --overwrite to "
+                           "start over")
+
+
 def _prepare_folder(out: Path, args: argparse.Namespace) -> None:
-    """Create or check the output folder; on ``--resume`` check the options and prune unbacked lines."""
-    settings = {k: getattr(args, k) for k in RESUME_KEYS}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints").mkdir(exist_ok=True)
-    has_results = (out / "results.jsonl").exists() or any((out / "checkpoints").iterdir())
+    """Make the output folder ready (:func:`_check_folder` has passed): on ``--resume`` prune the result lines no
+    checkpoint backs, on ``--overwrite`` delete the old results; write ``args.json``."""
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     if args.resume:
-        if (out / "args.json").exists():
-            old = json.loads((out / "args.json").read_text())
-            changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-            if changed:
-                raise SystemExit(f"--resume with different options than the run in {out}: "
-                                 + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
         _prune_results(out)
-    elif has_results:
-        if not args.overwrite:
-            raise SystemExit(f"{out} already holds results: pass --resume to continue or --overwrite to start over")
+    elif args.overwrite:
         (out / "results.jsonl").unlink(missing_ok=True)
         for f in (out / "checkpoints").iterdir():
             f.unlink()
-    record = {k: v for k, v in vars(args).items() if k != "run"}
-    (out / "args.json").write_text(json.dumps(record, indent=1))
+    record = {k: v for k, v in vars(args).items() if k not in ("run", "command")}
+    (out / "args.json").write_text(to_json(record, indent=1))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -552,30 +626,49 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> int:
-    """``main`` once the process group (if any) is joined."""
+    """``main`` once the process group (if any) is joined.
+
+    Everything that can refuse the run (options, ``--out``, the data) is checked before the
+    output folder is touched; a new folder is removed again when the run fails or is
+    interrupted before its first result line.
+    """
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.batch_size % ranks.size:
-        raise SystemExit(f"--batch-size {args.batch_size} is the global batch: it must be divisible by the "
-                         f"{ranks.size} processes")
+        raise CommandError(f"--batch-size {args.batch_size} is the global batch: it must be divisible by the "
+                           f"{ranks.size} processes")
     args.processes = ranks.size
     out = Path(args.out)
     configs = expand_configs(args.optim, args.lr, args.damping, args.signal_damping, args.seeds)
     problem = None
     if ranks.leader:
         try:
-            _prepare_folder(out, args)
-        except SystemExit as err:
+            _check_folder(out, args)
+        except CommandError as err:
             problem = str(err)
     problem = ranks.from_leader(problem)
     if problem:
-        raise SystemExit(problem)
-    dataset = data.load(args.data)
+        raise CommandError(problem)
+    dataset = load_data(args.data)
+    undamped = [c.label for c in configs if c.optim == "exact" and c.damping == 0 and c.signal_damping == 0]
+    if undamped and ranks.leader:
+        print(undamped_warning("train", list(dict.fromkeys(undamped))), file=sys.stderr)
     dtype = getattr(torch, args.dtype)
     subset = slice(0, args.train_subset or None)
     tensors = {"x_train": dataset.x_train[subset].to(device, dtype), "y_train": dataset.y_train[subset].to(device),
                "x_test": dataset.x_test.to(device, dtype), "y_test": dataset.y_test.to(device),
                "in_channels": dataset.in_channels, "num_classes": dataset.num_classes}
+    has_results = lambda: bool(read_results(out / "results.jsonl"))  # noqa: E731
+    if not ranks.leader:
+        return _train_all(configs, tensors, args, out, ranks, has_results)
+    with created_folder(out, keep=has_results):
+        _prepare_folder(out, args)
+        return _train_all(configs, tensors, args, out, ranks, has_results)
+
+
+def _train_all(configs: list[Config], tensors: dict, args: argparse.Namespace, out: Path, ranks: Ranks,
+               has_results) -> int:
+    """Train every configuration in turn; write the summary. 0, or 130 after Ctrl-C (with results kept)."""
     progress = tqdm(total=len(configs) * args.epochs, desc="train", unit="epoch",
                     disable=args.no_progress) if ranks.leader else None
     status = 0
@@ -583,6 +676,8 @@ def _run(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> int:
         for config in configs:
             train_config(config, tensors, args, out, progress, ranks)
     except KeyboardInterrupt:
+        if not has_results():
+            raise  # nothing finished: the folder goes if this run made it
         if progress is not None:
             progress.write(f"interrupted: finished epochs are in {out}/results.jsonl; rerun with --resume to continue")
         status = 130
