@@ -20,11 +20,12 @@ each one costs. ``mode="approx"`` is all of them.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
 
-from .errors import UnsupportedModuleError
+from .errors import NonFiniteError, UnsupportedModuleError
 from .layers import LayerRule
 from .layers.base import ApproxPlace
 
@@ -158,26 +159,32 @@ class ApproxPlan:
                          for op, place in zip(ops, self.places)]  # c, shape-only
         self.scaling = [i for i, op in enumerate(ops) if may_scale(op.rule)]  # other ratios: 1
         # whose weight (a Linear/Conv2d W, a BatchNorm γ) a ratio may read
-        self.weighted = [op.module for op in ops if op.rule.has_weights or op.rule.needs_output_signal]
+        self.weighted = [(op.path, op.module) for op in ops if op.rule.has_weights or op.rule.needs_output_signal]
+        self.extra: list[float] = []
 
-    def _measure_weights(self) -> None:
-        """``‖W‖²`` of every weight and BatchNorm γ, in one batch (one host sync instead of one per tensor)."""
-        tensors = list({id(t): t for t in (getattr(m, "weight", None) for m in self.weighted) if t is not None}
-                       .values())
+    def _measure_weights(self, extra=()) -> None:
+        """``‖W‖²`` of every weight and BatchNorm γ, and the scalars ``extra``, in one batch (one host sync
+        instead of one per tensor); a weight that is not finite is an error naming its layer."""
+        owners = {id(m.weight): (path, m) for path, m in self.weighted if getattr(m, "weight", None) is not None}
+        tensors = [m.weight for _, m in owners.values()]
         self.sq_norms.clear()
-        if not tensors:
-            return
         with torch.no_grad():
-            norms = [torch.linalg.vector_norm(t) for t in tensors]
+            scalars = [torch.linalg.vector_norm(t) for t in tensors] + list(extra)
             try:
-                values = torch.stack(norms).tolist()
-            except RuntimeError:  # weights of several dtypes or devices
-                values = [float(n) for n in norms]
-        self.sq_norms.update((t, v * v) for t, v in zip(tensors, values))
+                values = torch.stack(scalars).tolist() if scalars else []
+            except RuntimeError:  # of several dtypes or devices
+                values = [float(v) for v in scalars]
+        self.extra = values[len(tensors):]
+        for t, v in zip(tensors, values):
+            if not math.isfinite(v):
+                path, module = owners[id(t)]
+                raise NonFiniteError(f"layer {path!r} ({type(module).__name__}): weight contains NaN or infinity")
+            self.sq_norms[t] = v * v
 
-    def factors(self) -> list[ApproxFactors]:
-        """(m, s, r, c) of every op, from the weights as they are now."""
-        self._measure_weights()
+    def factors(self, extra=()) -> list[ApproxFactors]:
+        """(m, s, r, c) of every op, from the weights as they are now (``extra``: scalars to read back with
+        their norms, left in :attr:`extra`)."""
+        self._measure_weights(extra)
         ops = self.ops
         ratios = [1.0] * len(ops)
         for i in self.scaling:

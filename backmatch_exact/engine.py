@@ -97,7 +97,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_damping: float = 0.0,
                  damping_scale: str = "relative", weight_decay: float = 0.0, solve_method: str = "auto",
-                 process_group=None, approximations=None, backend: str = "fast"):
+                 process_group=None, approximations=None, backend: str = "fast", approx_signals: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for name, value in (("damping", damping), ("signal_damping", signal_damping),
@@ -124,11 +124,19 @@ class Engine:
         self.approximations = Approximations.of("all") if mode == "approx" else switches
         self._needs_factors = mode == "approx" or switches.needs_factors()
         self._matched_signals = mode in ("exact", "approx")  # the signals sent down are back-matched
+        # approx mode on a network without fan-out: once its graph is checked for an input shape, a step only
+        # scales .grad (Algorithm 1's scaled signals reach the weights as backprop's over m); approx_signals=True
+        # propagates them anyway (x.grad and tensor hooks then see them)
+        self.approx_signals = bool(approx_signals)
+        self._light: dict[tuple, tuple] = {}  # checked graphs: key -> (plan, {layer path: op index})
+        self._light_factors: dict | None = None  # this step's (m, s) per layer when only .grad is scaled
+        self._module_handles: list = []
         self.settings = weights.Settings(float(damping), damping_scale == "relative", float(weight_decay),
                                          solve_method)
         self.signal_damping = float(signal_damping)
         self.timing = Timing()  # bench's per-layer breakdown; off unless enabled
         self.layers = self._collect_layers(model)
+        self._paths = {layer.path for layer in self.layers}
         self._stats: dict[str, dict] = {}
         self._pending: dict[torch.Tensor, torch.Tensor] = {}
         self._handles: list = []
@@ -179,19 +187,31 @@ class Engine:
         hooks = self._handles
         hooks.append(self.model.register_forward_pre_hook(self._model_begin))
         hooks.append(self.model.register_forward_hook(self._model_end, always_call=True))
+        self._install_module_hooks()
         for layer in self.layers:
-            hooks.append(layer.module.register_forward_pre_hook(functools.partial(self._before, layer)))
-            hooks.append(layer.module.register_forward_hook(functools.partial(self._after, layer)))
             if self.mode != "bp":
                 for name, param in layer.module.named_parameters(recurse=False):
                     if param.requires_grad:
                         hooks.append(param.register_hook(functools.partial(self._param_grad, layer, name, param)))
+
+    def _install_module_hooks(self) -> None:
+        if self._module_handles:
+            return
+        for layer in self.layers:
+            self._module_handles.append(layer.module.register_forward_pre_hook(functools.partial(self._before, layer)))
+            self._module_handles.append(layer.module.register_forward_hook(functools.partial(self._after, layer)))
+
+    def _remove_module_hooks(self) -> None:
+        for handle in self._module_handles:
+            handle.remove()
+        self._module_handles.clear()
 
     def detach(self) -> None:
         """Remove every hook: the model behaves exactly as before :func:`attach`."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._remove_module_hooks()
         self._pending.clear()
 
     def __enter__(self) -> "Engine":
@@ -204,6 +224,12 @@ class Engine:
     def _model_begin(self, model, args):
         if not torch.is_grad_enabled():  # evaluation: nothing to record, and a pending step's ops stay as they are
             return None
+        self._light_factors = None
+        if self.mode == "approx" and not self.approx_signals:
+            key = self._light_key(args)
+            if key in self._light:
+                return self._light_begin(key, args)
+            self._install_module_hooks()  # a new input shape or structure: record and check this pass
         self._forwards += 1
         self._ops, self._values = [], {}
         for x in tensors_requiring_grad(args, {}):
@@ -212,6 +238,25 @@ class Engine:
         self._capture.__enter__()
         self._capturing = True
         return None
+
+    def _light_key(self, args) -> tuple:
+        """What a checked graph is valid for: the inputs' shapes, dtypes and devices, and every module's mode."""
+        return (tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else type(a) for a in args),
+                tuple(layer.module.training for layer in self.layers))
+
+    def _light_begin(self, key, args) -> None:
+        """A step of approx mode on a checked graph without fan-out: Algorithm 1's factors, and nothing else."""
+        plan, index = self._light[key]
+        inputs = [a.detach().sum() for a in tensors_requiring_grad(args, {}) if a.is_floating_point()] + \
+                 [a.detach().sum() for a in args if isinstance(a, torch.Tensor) and not a.requires_grad
+                  and a.is_floating_point()]
+        factors = plan.factors(extra=inputs)  # (the weights' norms and the inputs' sums in one read-back)
+        if not all(math.isfinite(v) for v in plan.extra):
+            first = self.layers[0]
+            raise NonFiniteError(f"layer {plan.ops[0].path!r} ({type(first.module).__name__}): input contains "
+                                 "NaN or infinity")
+        self._light_factors = {path: factors[i] for path, i in index.items()}
+        self._approx_step = list(zip(plan.ops, factors))
 
     def _model_end(self, model, args, output):
         if not self._capturing:
@@ -226,6 +271,11 @@ class Engine:
             raise GraphError("the model's output was not made by a supported module or op in its forward pass")
         if self._needs_factors:
             self._approx_factors()
+        if self.mode == "approx" and not self.approx_signals and self._without_fan_out():
+            plan = self._approx_plans[self._graph_key]
+            self._light[self._light_key(args)] = (plan, {op.path: i for i, op in enumerate(self._ops)
+                                                         if op.layer is not None and op.layer.has_parameters})
+            self._remove_module_hooks()  # (this pass still propagates its signals through its value hooks)
         if self.distributed is not None and self._ops:
             self.distributed.forward_end(self._ops, output, self._row_source)
         if self.mode in ("approx", "bp"):
@@ -361,17 +411,29 @@ class Engine:
         if plan is None:  # a new graph or new shapes: Algorithm 1's shape-only part, once
             if len(self._approx_plans) >= 16:
                 self._approx_plans.clear()
+                self._light.clear()
             plan = self._approx_plans[graph] = ApproxPlan(list(graph))
-        for op, factors in zip(ops, plan.factors()):
-            op.approx = factors
+        self._graph_key = graph
+        factors = plan.factors()
+        for op, op_factors in zip(ops, factors):
+            op.approx = op_factors
         if self.mode == "approx":
-            self._approx_step = ops  # stats() reads it
+            self._approx_step = list(zip(graph, factors))  # stats() reads it
+
+    def _without_fan_out(self) -> bool:
+        """No value feeds two ops: then Algorithm 1's signal at every layer is backprop's over its m."""
+        used = set()
+        for op in self._ops:
+            for value in op.values:
+                if id(value) in used:
+                    return False
+                used.add(id(value))
+        return True
 
     def _approx_stats(self) -> None:
         """Fill ``_stats`` from the last approx-mode forward pass (done only when stats() asks)."""
-        for op in self._approx_step:
-            factors = op.approx
-            if op.layer is not None and (op.rule.has_weights or factors.ratio != 1.0):
+        for op, factors in self._approx_step:
+            if op.module is not None and op.path in self._paths and (op.rule.has_weights or factors.ratio != 1.0):
                 self._stats[op.path] = {
                     "layer": op.path, "kind": type(op.module).__name__, "m": factors.backward_factor,
                     "s": factors.sharing_factor, "r": factors.ratio, "c": factors.location_factor,
@@ -512,6 +574,12 @@ class Engine:
 
     def _param_grad(self, layer: _Layer, name: str, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         op = layer.op
+        if self.mode == "approx" and self._light_factors is not None:
+            # a checked graph without fan-out: autograd's grad is backprop's g_W, and Algorithm 1's (g_W + wd·W)/(m·s)
+            factors = self._light_factors[layer.path]
+            scale = factors.backward_factor * factors.sharing_factor
+            total = grad + self.settings.weight_decay * param if self.settings.weight_decay else grad
+            return total / scale
         if self.mode == "approx":
             # the signals arriving were already divided by m, so autograd's grad is g_W / m
             factors = op.approx
@@ -589,7 +657,7 @@ class _Skipped(Exception):
 
 def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_damping: float = 0.0,
            damping_scale: str = "relative", weight_decay: float = 0.0, solve_method: str = "auto",
-           process_group=None, approximations=None, backend: str = "fast") -> Engine:
+           process_group=None, approximations=None, backend: str = "fast", approx_signals: bool = False) -> Engine:
     """Make ``loss.backward()`` on ``model`` compute back-matching propagation.
 
     mode: ``"bp"`` (hooks attached, values unchanged), ``"exact"`` (back-matched
@@ -606,6 +674,10 @@ def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_d
     or ``"all"``, which equals ``mode="approx"`` without weight decay); the rest of
     the step stays exact. backend: ``"fast"`` (default) or ``"reference"``, the
     plain im2col rows and ``g_W = Sᵀ A`` that every fast path is tested against.
+    approx_signals: in approx mode, propagate Algorithm 1's scaled signals down every
+    step (``x.grad`` and tensor hooks then see them). By default, on a network without
+    fan-out, the first forward pass of each input shape records and checks the graph and
+    later ones only rescale ``.grad``, which gives the same weights at backprop's cost.
     process_group: data parallelism over torch.distributed (``distributed.py``). A
     ``DistributedDataParallel`` model is unwrapped (hooks on ``model.module``,
     ``engine.model`` is that module) and exchanges over ``model.process_group``
@@ -619,4 +691,4 @@ def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_d
     Returns the :class:`Engine`; ``engine.detach()`` (or leaving a ``with`` block) removes it.
     """
     return Engine(model, mode, damping, signal_damping, damping_scale, weight_decay, solve_method, process_group,
-                  approximations, backend)
+                  approximations, backend, approx_signals)
