@@ -205,6 +205,10 @@ class ApproxPlan:
         if not uses:
             return 1.0  # the loss gradient w.r.t. the network output is the initial signal
         ops = self.ops
+        if len(uses) == 1:  # (a chain: m·r)
+            j, k = uses[0]
+            den = ops[j].denominators[k]
+            return (ratios[j] if den is None else den) * factors[j].backward_factor
         total = sum(ops[j].denominators[k] if ops[j].denominators[k] is not None else ratios[j] for j, k in uses)
         return total * sum(factors[j].backward_factor for j, _ in uses) / len(uses)
 
