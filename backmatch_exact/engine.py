@@ -75,15 +75,6 @@ class _NumeratorTap(torch.autograd.Function):
         return op.rule.numerator(op.module, op.input, grad, op.grad_output, ctx.engine.approximations), None, None
 
 
-class _Deferred:
-    """A statistic computed only when :meth:`Engine.stats` reads it."""
-
-    __slots__ = ("fn",)
-
-    def __init__(self, fn):
-        self.fn = fn
-
-
 def _is_finite(t: torch.Tensor) -> bool:
     # one pass instead of isfinite's several: a NaN or ±inf anywhere makes the sum non-finite (an
     # overflowing sum of finite values only sends us to the exact test)
@@ -225,6 +216,7 @@ class Engine:
         if not torch.is_grad_enabled():  # evaluation: nothing to record, and a pending step's ops stay as they are
             return None
         self._light_factors = None
+        self._expire_statistics()
         if self.mode == "approx" and not self.approx_signals:
             key = self._light_key(args)
             if key in self._light:
@@ -555,7 +547,7 @@ class Engine:
             return
         with self.timing.part(path, "column_norms"):
             col_sq = rule.column_sq_norms(module, op.input)  # this step's weights; reduced if read
-        amplification = _Deferred(functools.partial(signal_amplification, col_sq, self.signal_damping))
+        amplification = functools.partial(signal_amplification, col_sq, self.signal_damping)
         row = weights.stats_row(path, type(module).__name__, source, module.weight.shape[0], info, amplification)
         if exchange is not None:
             row["exchange"] = exchange
@@ -631,7 +623,10 @@ class Engine:
         ``condition`` (estimate), ``residual`` (relative residual of the normal
         equations), ``damping`` (absolute λ), ``amplification`` (largest mean/own
         squared column norm), ``fallback`` (non-empty when a factorization failed
-        and was retried); under torch.distributed also ``exchange`` (gram / rows).
+        and was retried), ``groups``; under torch.distributed also ``exchange`` (gram /
+        rows). ``residual`` and ``amplification`` are computed when this is called,
+        from what the step kept; after the next forward pass they read nan (the
+        step's matrices are let go then).
 
         Approx mode, per weight layer and per layer whose ratio is not 1:
         ``layer``, ``kind``, ``m`` (backward factor at the output), ``s``
@@ -642,13 +637,18 @@ class Engine:
             self._approx_stats()
             self._approx_step = None
         rows = [self._stats[layer.path] for layer in self.layers if layer.path in self._stats]
-        for row in rows:  # some values are 0-d tensors or deferred until read: read them here, once
+        for row in rows:  # the statistics the answer does not need are computed here, when read, once
             for key, value in row.items():
-                if isinstance(value, _Deferred):
-                    value = row[key] = value.fn()
-                if isinstance(value, torch.Tensor):
-                    row[key] = float(value)
+                if callable(value):
+                    row[key] = value()
         return rows
+
+    def _expire_statistics(self) -> None:
+        """A new forward pass: drop what unread deferred statistics keep alive (they then read nan)."""
+        for row in self._stats.values():
+            for key, value in row.items():
+                if callable(value):
+                    row[key] = float("nan")
 
 
 class _Skipped(Exception):

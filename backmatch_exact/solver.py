@@ -22,6 +22,7 @@ the N x N ``AAᵀ + λB·I``, cheaper when N < d) are thin callers of it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -49,7 +50,7 @@ class SolveInfo:
     rank: int  # numerical rank of the factored matrix
     condition: float  # Cholesky: (max/min pivot)²; eigh: ratio of the kept eigenvalues
     damping: float  # absolute λ actually added to G
-    residual: torch.Tensor | float  # ‖X (G + λI) - g_W‖ / ‖g_W‖ (a 0-d tensor until stats() reads it)
+    residual: object  # ‖X (G + λI) - g_W‖ / ‖g_W‖: a callable that computes it (only if stats() reads it)
     fallback: str = ""  # non-empty when eigh failed and was retried
     groups: int = 1  # independent problems solved in one batch (a grouped conv's)
 
@@ -130,8 +131,17 @@ def _eigh(matrix: torch.Tensor, layer: str):
     return evals.to(dtype), evecs.to(dtype), fallback
 
 
-def _relative_norm(gap: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(gap) / torch.linalg.vector_norm(reference).clamp_min(torch.finfo(gap.dtype).tiny)
+def _relative_norm(gap: torch.Tensor, reference: torch.Tensor) -> float:
+    tiny = torch.finfo(gap.dtype).tiny
+    return float(torch.linalg.vector_norm(gap) / torch.linalg.vector_norm(reference).clamp_min(tiny))
+
+
+def _primal_residual(x, matrix, g) -> float:
+    return _relative_norm(x @ matrix - g, g)
+
+
+def _dual_residual(times_rows, coeffs, kernel, s, grad) -> float:
+    return _relative_norm(times_rows(coeffs @ kernel - s.mT), grad.to(coeffs.dtype))
 
 
 def _check_finite(x: torch.Tensor, path: str, layer: str) -> None:
@@ -152,8 +162,7 @@ def primal_solve(gram: torch.Tensor, grad: torch.Tensor, damping: float = 0.0, r
         matrix.diagonal(dim1=-2, dim2=-1).add_(lam)
     x, path, rank, condition, fallback = factor_solve(matrix, g, layer, timing)
     _check_finite(x, path, layer)
-    with timing.part(layer, "solve"):  # (g = 0 gives x = 0 and a residual of 0)
-        residual = _relative_norm(x @ matrix - g, g)
+    residual = functools.partial(_primal_residual, x, matrix, g)  # (g = 0 gives x = 0 and a residual of 0)
     return x.to(grad.dtype), SolveInfo(path, matrix.shape[-1], rank, condition, lam, residual, fallback,
                                        _groups(matrix))
 
@@ -181,7 +190,7 @@ def dual_solve(kernel: torch.Tensor, signals: torch.Tensor, grad: torch.Tensor, 
         coeffs, path, rank, condition, fallback = factor_solve(kernel, s.mT, layer)  # Sᵀ K⁺
         x = batch_size * times_rows(coeffs)
         _check_finite(x, "dual-" + path, layer)
-        residual = _relative_norm(times_rows(coeffs @ kernel - s.mT), grad.to(dtype))
+    residual = functools.partial(_dual_residual, times_rows, coeffs, kernel, s, grad)
     return x.to(grad.dtype), SolveInfo("dual-" + path, kernel.shape[-1], rank, condition, lam, residual, fallback,
                                        _groups(kernel))
 

@@ -379,3 +379,20 @@ def test_steps_do_not_keep_old_graphs_alive(mode):
             F.cross_entropy(model(x), y).backward()
         gc.collect()
         assert [ref() for ref in refs[1:] if ref() is not None] == []
+
+
+def test_statistics_the_answer_does_not_need_are_computed_when_read():
+    """residual and amplification come from what the step kept, when stats() asks; the next forward pass lets
+    that go, and a row read only then says so with nan instead of describing another step."""
+    model = _lenet()
+    x, y = _batch(8)
+    with bm.attach(model, mode="exact") as engine:
+        F.cross_entropy(model(x), y).backward()
+        read = engine.stats()
+        assert all(isinstance(s["residual"], float) and s["residual"] < 1e-10 for s in read)
+        assert engine.stats() == read  # read once, then kept
+        F.cross_entropy(model(x), y).backward()
+        model(x)  # a new forward pass before the rows were read
+        late = engine.stats()
+    assert all(s["residual"] != s["residual"] and s["amplification"] != s["amplification"] for s in late)
+    assert [s["path"] for s in late] == [s["path"] for s in read]  # (what was known at once stays)
