@@ -454,6 +454,7 @@ class Engine:
                 den = den + self._denominator(use)
             result = safe_divide(grad, den)
             self._check_finite(result, "back-matched input signal", first.path, first.module)
+        value.checked = True  # (what the producer's output hook receives: checked once)
         return result
 
     def _unchanged(self, use: Use) -> bool:
@@ -481,7 +482,8 @@ class Engine:
         grad = grad_outputs[0]
         if grad is None:
             return None
-        self._check_finite(grad, "signal arriving at the output", op.path, op.module)
+        if not op.output.checked:
+            self._check_finite(grad, "signal arriving at the output", op.path, op.module)
         op.grad_output = grad
         if op.rule.has_weights:
             if not solved_at_node:

@@ -54,6 +54,7 @@ class Value:
     producer: "Op | None"
     shape: tuple
     uses: list[Use] = dataclasses.field(default_factory=list)
+    checked: bool = False  # its back-matched signal was checked for NaN in this backward pass
 
 
 @dataclasses.dataclass(eq=False)
