@@ -272,7 +272,7 @@ class Comm:
         gram_parts, gram_plan, row_parts, row_plan = [], [], [], []
         for call, source in local:
             path, rule, module = call.layer.path, call.layer.rule, call.layer.module
-            dtype = solver.solve_dtype(call.input.dtype)
+            dtype = self.settings.dtype_for(call.input.dtype)
             if k * source.samples <= source.d or send_rows:
                 rows = rule.input_rows(module, call.input.detach()).to(dtype)
                 row_parts.append(rows.reshape(-1))

@@ -28,19 +28,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 
 import torch
 from torch import nn
 
 from . import distributed, weights
 from .approx import ApproxFactors, ApproxPlan, Approximations, may_scale
-from .errors import BackMatchError, GraphError, NonFiniteError, UnsupportedModuleError
+from .errors import BackMatchError, GraphError, NonFiniteError, UnresolvedSolveWarning, UnsupportedModuleError
 from .layers import LayerRule, rule_for
 from .layers.base import signal_amplification
 from .timing import Timing
 
 MODES = ("bp", "exact", "exact_weights", "approx")
 BACKENDS = ("fast", "reference")
+SOLVE_DTYPES = (None, torch.float32, torch.float64)
 
 
 @dataclasses.dataclass(slots=True)
@@ -127,7 +129,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_damping: float = 0.0,
                  damping_scale: str = "relative", weight_decay: float = 0.0, solve_method: str = "auto",
-                 process_group=None, approximations=None, backend: str = "fast"):
+                 process_group=None, approximations=None, backend: str = "fast", solve_dtype=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for name, value in (("damping", damping), ("signal_damping", signal_damping),
@@ -140,6 +142,8 @@ class Engine:
             raise ValueError(f"solve_method must be 'auto', 'primal' or 'dual', got {solve_method!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if solve_dtype not in SOLVE_DTYPES:
+            raise ValueError(f"solve_dtype must be one of {SOLVE_DTYPES}, got {solve_dtype!r}")
         self.approximations = Approximations.of(approximations)
         self._switched = self.approximations.any()
         if self._switched and mode != "exact":
@@ -151,7 +155,7 @@ class Engine:
         self.mode = mode
         self.backend = backend
         self.settings = weights.Settings(float(damping), damping_scale == "relative", float(weight_decay),
-                                         solve_method)
+                                         solve_method, solve_dtype)
         self.signal_damping = float(signal_damping)
         self.timing = Timing()  # bench's per-layer breakdown; off unless enabled
         self.layers = self._collect_layers(model)
@@ -164,6 +168,7 @@ class Engine:
         self._calls: list[_Call] = []  # this forward pass's module calls, in execution order
         self._approx_plans: dict[tuple, ApproxPlan] = {}  # Algorithm 1 per chain and shapes
         self._approx_step = None  # approx mode: (plan, calls) of the last forward pass, for stats()
+        self._warned_unresolved = False  # an unresolved weight solve is warned about once per engine
         self._install()
         if self.distributed is not None:
             self.distributed.attach([(layer.path, type(layer.module).__name__) for layer in self.layers],
@@ -421,6 +426,9 @@ class Engine:
         if exchange is not None:
             row["exchange"] = exchange
         self._stats[path] = row
+        if not info.resolved and not self._warned_unresolved:
+            self._warned_unresolved = True
+            warnings.warn(weights.unresolved_message(path, info), UnresolvedSolveWarning, stacklevel=2)
 
     def _solve_parameters(self, call: _Call, grad: torch.Tensor) -> None:
         """The closed-form back-matched gradients of a layer's own parameters (a normalization's γ, β)."""
@@ -504,7 +512,11 @@ class Engine:
         ``condition`` (estimate), ``residual`` (relative residual of the normal
         equations), ``damping`` (absolute λ), ``amplification`` (largest mean/own
         squared column norm), ``fallback`` (non-empty when a factorization failed
-        and was retried); under torch.distributed also ``exchange`` (gram / rows).
+        and was retried, or a float32 solve was done again in float64),
+        ``solve_dtype`` (what the Gram was formed and factored in) and ``resolved``
+        (whether that dtype resolves the answer, ``solver.SolveInfo``; the first
+        layer that is not warns once, ``UnresolvedSolveWarning``); under
+        torch.distributed also ``exchange`` (gram / rows).
 
         Approx mode, per weight layer and per layer whose ratio is not 1:
         ``layer``, ``kind``, ``m`` (backward factor at the output), ``s``
@@ -530,7 +542,7 @@ class _Skipped(Exception):
 
 def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_damping: float = 0.0,
            damping_scale: str = "relative", weight_decay: float = 0.0, solve_method: str = "auto",
-           process_group=None, approximations=None, backend: str = "fast") -> Engine:
+           process_group=None, approximations=None, backend: str = "fast", solve_dtype=None) -> Engine:
     """Make ``loss.backward()`` on ``model`` compute back-matching propagation.
 
     mode: ``"bp"`` (hooks attached, values unchanged), ``"exact"`` (back-matched
@@ -547,6 +559,10 @@ def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_d
     or ``"all"``, which equals ``mode="approx"`` without weight decay); the rest of
     the step stays exact. backend: ``"fast"`` (default) or ``"reference"``, the
     plain im2col rows and ``g_W = Sᵀ A`` that every fast path is tested against.
+    solve_dtype: the dtype weight Grams are formed and factored in, ``torch.float32``
+    or ``torch.float64``; None (default): float64 for float64 models, and for float32
+    and half models float32 where its Cholesky proves the Gram well conditioned,
+    float64 where it does not (``weights.py``). The answer has the parameters' dtype.
     process_group: data parallelism over torch.distributed (``distributed.py``). A
     ``DistributedDataParallel`` model is unwrapped (hooks on ``model.module``,
     ``engine.model`` is that module) and exchanges over ``model.process_group``
@@ -560,4 +576,4 @@ def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_d
     Returns the :class:`Engine`; ``engine.detach()`` (or leaving a ``with`` block) removes it.
     """
     return Engine(model, mode, damping, signal_damping, damping_scale, weight_decay, solve_method, process_group,
-                  approximations, backend)
+                  approximations, backend, solve_dtype)

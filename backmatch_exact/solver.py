@@ -14,6 +14,17 @@ that is often singular. :func:`factor_solve` is the one place that answers
    pseudo-inverse. If ``eigh`` fails it is retried in float64, then in float64
    with a little jitter on the diagonal; if that fails too, :class:`SolveError`.
 
+Whether the dtype *resolves* the answer (``SolveInfo.resolved``): rounding a
+Gram's entries moves its eigenvalues by about ``eps·λ_max`` (measured: at most
+6·eps·λ_max for float32 Grams of order 400–2300 whose exact zero eigenvalues
+came out as noise), so eigenvalues above the noise floor ``√size·eps·λ_max``
+are the data's own. The answer is resolved when the solve kept all of them and
+their condition κ has ``κ·eps ≤`` :data:`RESOLVED_ERROR` (the answer then
+carries about three correct digits). An eigenvalue between the floor and the
+cut is a direction of the data that the dtype cannot tell from noise: in float32
+at κ ≈ 5e4 (VGG11's features.11, batch 32) the cut drops most of the spectrum
+and the answer points elsewhere than float64's.
+
 :func:`primal_solve` (factor the d x d ``G + λI``) and :func:`dual_solve` (factor
 the N x N ``AAᵀ + λB·I``, cheaper when N < d) are thin callers of it.
 ``weights.py`` decides which one a layer uses.
@@ -49,6 +60,12 @@ class SolveInfo:
     damping: float  # absolute λ actually added to G
     residual: torch.Tensor | float  # ‖X (G + λI) - g_W‖ / ‖g_W‖ (a 0-d tensor until stats() reads it)
     fallback: str = ""  # non-empty when eigh failed and was retried
+    resolved: bool = True  # the solve dtype resolves the answer (see the module docstring)
+    dtype: torch.dtype | None = None  # the dtype the matrix was formed and factored in
+
+
+#: largest ``κ·eps`` of a resolved answer: its relative error is about κ times the Gram's rounding (≈ eps)
+RESOLVED_ERROR = 1e-3
 
 
 def solve_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -73,11 +90,15 @@ def absolute_damping(diagonal_mean: torch.Tensor, damping: float, relative: bool
     return damping * float(diagonal_mean) if relative else damping
 
 
-def factor_solve(matrix: torch.Tensor, rhs: torch.Tensor, layer: str = "", timing: Timing = NO_TIMING):
+def factor_solve(matrix: torch.Tensor, rhs: torch.Tensor, layer: str = "", timing: Timing = NO_TIMING,
+                 cholesky_only: bool = False):
     """``rhs · matrix⁺`` for a symmetric PSD ``matrix`` (m x m) and ``rhs`` (r x m), both in the solve dtype.
 
-    Returns ``(x, path, rank, condition, fallback)`` with ``path`` "cholesky" or
-    "eigh" (see the module docstring for when each runs).
+    Returns ``(x, path, rank, condition, fallback, resolved)`` with ``path``
+    "cholesky" or "eigh" (see the module docstring for when each runs). An
+    accepted Cholesky is resolved (``κ·eps < sqrt(eps)``); eigh's ``condition`` is
+    that of the eigenvalues above the noise floor, the kept ones when resolved.
+    ``cholesky_only``: None instead of the eigendecomposition when the pivots do not prove ``matrix``.
     """
     size, dtype = matrix.shape[0], matrix.dtype
     with timing.part(layer, "factor"):
@@ -89,15 +110,19 @@ def factor_solve(matrix: torch.Tensor, rhs: torch.Tensor, layer: str = "", timin
         # one read-back for all three checks: a NaN or inf anywhere in x makes the second entry NaN
         failed, condition = torch.stack([info.to(dtype), condition + 0.0 * x.sum()]).tolist()
     if failed == 0 and condition < max_cholesky_condition(dtype):
-        return x, "cholesky", size, condition, ""
+        return x, "cholesky", size, condition, "", True
+    if cholesky_only:
+        return None
     with timing.part(layer, "factor"):
         evals, evecs, fallback = _eigh(matrix, layer)
-        keep = evals > size * torch.finfo(dtype).eps * evals.max().clamp_min(0)
+        eps, top = torch.finfo(dtype).eps, evals.max().clamp_min(0)
+        keep = evals > size * eps * top
         x = ((rhs @ evecs) * safe_divide(torch.ones_like(evals), evals, keep)) @ evecs.T
-        kept = evals[keep]
-        rank = kept.numel()
-        condition = float(kept.max() / kept.min()) if rank > 0 else float("inf")
-    return x, "eigh", rank, condition, fallback
+        rank = int(keep.sum())
+        data = evals[evals > size ** 0.5 * eps * top]  # above the noise floor
+        condition = float(top / data.min()) if data.numel() else float("inf")
+        resolved = data.numel() == rank and (rank == 0 or condition * eps <= RESOLVED_ERROR)
+    return x, "eigh", rank, condition, fallback, resolved
 
 
 def _eigh(matrix: torch.Tensor, layer: str):
@@ -134,43 +159,49 @@ def _check_finite(x: torch.Tensor, path: str, layer: str) -> None:
 
 
 def primal_solve(gram: torch.Tensor, grad: torch.Tensor, damping: float = 0.0, relative_damping: bool = True,
-                 layer: str = "", timing: Timing = NO_TIMING) -> tuple[torch.Tensor, SolveInfo]:
-    """``g'_W = grad · (G + λI)⁺`` from the d x d Gram ``G = AᵀA / B``; the result has ``grad``'s dtype."""
-    dtype = solve_dtype(grad.dtype)
+                 layer: str = "", timing: Timing = NO_TIMING, cholesky_only: bool = False):
+    """``(g'_W, SolveInfo)`` with ``g'_W = grad · (G + λI)⁺`` from the d x d Gram ``G = AᵀA / B``, in ``gram``'s
+    dtype; ``g'_W`` has ``grad``'s dtype. ``cholesky_only``: None unless the pivots prove ``G + λI``."""
+    matrix, dtype = gram, gram.dtype
     g = grad.to(dtype)
-    matrix = gram.to(dtype)
     d = matrix.shape[0]
     lam = absolute_damping(torch.diagonal(matrix).mean(), damping, relative_damping)
     if lam:
         matrix = matrix.clone()
         matrix.diagonal().add_(lam)
-    x, path, rank, condition, fallback = factor_solve(matrix, g, layer, timing)
+    factored = factor_solve(matrix, g, layer, timing, cholesky_only)
+    if factored is None:
+        return None
+    x, path, rank, condition, fallback, resolved = factored
     _check_finite(x, path, layer)
     with timing.part(layer, "solve"):  # (g = 0 gives x = 0 and a residual of 0)
         residual = _relative_norm(torch.addmm(g, x, matrix, beta=-1), g)
-    return x.to(grad.dtype), SolveInfo(path, d, rank, condition, lam, residual, fallback)
+    return x.to(grad.dtype), SolveInfo(path, d, rank, condition, lam, residual, fallback, resolved, dtype)
 
 
 def dual_solve(kernel: torch.Tensor, signals: torch.Tensor, grad: torch.Tensor, batch_size: int, times_rows,
                d: int, damping: float = 0.0, relative_damping: bool = True, layer: str = "",
-               timing: Timing = NO_TIMING) -> tuple[torch.Tensor, SolveInfo]:
-    """The dual (push-through) form ``grad · (G + λI)⁺ = B · Sᵀ (AAᵀ + λB·I)⁺ A``, for N < d.
+               timing: Timing = NO_TIMING, cholesky_only: bool = False):
+    """The dual (push-through) form ``grad · (G + λI)⁺ = B · Sᵀ (AAᵀ + λB·I)⁺ A``, for N < d; as :func:`primal_solve`.
 
-    ``kernel``: ``K = AAᵀ`` (N x N; overwritten); ``signals``: S (N x n);
+    ``kernel``: ``K = AAᵀ`` (N x N; overwritten), in the solve dtype; ``signals``: S (N x n);
     ``times_rows(C)``: ``C·A``. ``grad`` must be ``Sᵀ A`` exactly (no weight
     decay, which lies outside A's row space); only its norm is read. λ comes
     from ``mean diag G = tr(K) / (B·d)``. The residual of the normal equations is
     ``‖R A‖ / ‖g‖`` with ``R = C (K + λB·I) - Sᵀ``, which is ``x (G + λI) - g``.
     """
-    dtype = solve_dtype(grad.dtype)
-    kernel = kernel.to(dtype)
+    dtype = kernel.dtype
     s = signals.to(dtype)
     with timing.part(layer, "dual"):
         lam = absolute_damping(torch.diagonal(kernel).sum() / (batch_size * d), damping, relative_damping)
         if lam:
             kernel.diagonal().add_(lam * batch_size)
-        coeffs, path, rank, condition, fallback = factor_solve(kernel, s.T, layer)  # Sᵀ K⁺
+        factored = factor_solve(kernel, s.T, layer, cholesky_only=cholesky_only)  # Sᵀ K⁺
+        if factored is None:
+            return None
+        coeffs, path, rank, condition, fallback, resolved = factored
         x = batch_size * times_rows(coeffs)
         _check_finite(x, "dual-" + path, layer)
         residual = _relative_norm(times_rows(torch.addmm(s.T, coeffs, kernel, beta=-1)), grad.to(dtype))
-    return x.to(grad.dtype), SolveInfo("dual-" + path, kernel.shape[0], rank, condition, lam, residual, fallback)
+    return x.to(grad.dtype), SolveInfo("dual-" + path, kernel.shape[0], rank, condition, lam, residual, fallback,
+                                       resolved, dtype)
