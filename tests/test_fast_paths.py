@@ -372,6 +372,12 @@ def test_bench_runs_and_reports(tmp_path):
     assert bench.cli(["--model", "lenet", "--batch", "4", "--steps", "1", "--warmup", "0", "--threads", "1",
                       "--modes", "plain,exact", "--profile-steps", "0", "--out", str(out)]) == 0
     assert set(json.loads(out.read_text())["modes"]) == {"plain", "exact"}
+    assert bench.cli(["--model", "lenet", "--batch", "4", "--steps", "1", "--warmup", "0", "--threads", "1",
+                      "--modes", "exact@float32,exact@float64", "--data", "default", "--profile-steps", "0",
+                      "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["modes"]) == {"exact@float32", "exact@float64"}
+    with pytest.raises(SystemExit, match="unknown modes"):
+        bench.cli(["--modes", "exact@float16"])
 
 
 def test_retained_graph_second_backward_matches_reference():
