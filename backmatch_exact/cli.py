@@ -13,7 +13,8 @@ import backmatch_exact as bm
 from . import data
 from .research import bench, compare, train
 
-STATS_COLUMNS = ["layer", "kind", "d", "samples", "path", "rank", "condition", "residual", "amplification"]
+STATS_COLUMNS = ["layer", "kind", "d", "samples", "path", "rank", "condition", "residual", "amplification",
+                 "solve_dtype", "resolved"]
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
