@@ -14,9 +14,10 @@ approximations (:class:`Approximations`); ``bm.optim`` has the paper's baselines
 from . import data, models, optim
 from .approx import Approximations
 from .engine import BACKENDS, MODES, Engine, attach
-from .errors import BackMatchError, GraphError, NonFiniteError, SolveError, UnsupportedModuleError
+from .errors import (BackMatchError, GraphError, NonFiniteError, SolveError, UnresolvedSolveWarning,
+                     UnsupportedModuleError)
 
 __version__ = "0.1.0"
 
 __all__ = ["attach", "Engine", "MODES", "BACKENDS", "Approximations", "data", "models", "optim", "BackMatchError",
-           "GraphError", "NonFiniteError", "SolveError", "UnsupportedModuleError"]
+           "GraphError", "NonFiniteError", "SolveError", "UnsupportedModuleError", "UnresolvedSolveWarning"]

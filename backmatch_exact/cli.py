@@ -28,8 +28,10 @@ from .research.common import (
 
 #: the ``engine.stats()`` columns ``check`` prints per mode (bp mode solves nothing and has none)
 STATS_COLUMNS = {
-    "exact": ["layer", "kind", "d", "samples", "path", "rank", "condition", "residual", "amplification"],
-    "exact_weights": ["layer", "kind", "d", "samples", "path", "rank", "condition", "residual"],
+    "exact": ["layer", "kind", "d", "samples", "path", "rank", "condition", "residual", "amplification",
+              "solve_dtype", "resolved"],
+    "exact_weights": ["layer", "kind", "d", "samples", "path", "rank", "condition", "residual", "solve_dtype",
+                      "resolved"],
     "approx": ["layer", "kind", "m", "s", "c", "r", "scale"],
 }
 

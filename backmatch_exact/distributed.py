@@ -17,8 +17,9 @@ single-process result on the concatenated batch, identical on every rank. The
 weight gradients are therefore never communicated twice: this module only
 exchanges the Grams (or, where that is cheaper, the input rows they are made
 of). Weight decay and damping keep this property (``W`` is in sync, λ is
-computed from the averaged ``G``). BatchNorm's γ is solved the same way with its
-per-channel Gram ``G_γ``; β needs nothing (``g'_β = g_β / L``).
+computed from the averaged ``G``). BatchNorm's γ, β are solved the same way with
+the data-dependent entries of their per-channel 2x2 Gram (``Σ_u E[x̂²]``, and
+``Σ_u E[x̂]``, which is 0 with batch statistics).
 
 The per-rank signals are the single-process ones (every signal rule is per
 sample) except at BatchNorm: a plain BatchNorm normalizes with its rank's own
@@ -37,7 +38,7 @@ At the end of the forward pass, once per step:
    layer shapes, and a bad-value flag); every rank refuses the step together
    when the batch sizes or shapes differ, or when some rank saw a NaN input;
 2. one all-reduce bucket with the upper triangles of every "gram" layer's
-   ``G_r`` (and every affine BatchNorm's ``G_γ``), and one all-gather bucket with
+   ``G_r`` (and every affine BatchNorm's 2x2 entries), and one all-gather bucket with
    the input rows of every "rows" layer, both in flight at the same time.
 
 A layer with N_r rows per rank and d inputs (bias included) goes to the
@@ -74,7 +75,7 @@ reads or writes the engine:
   ``(source, signals, exchange)`` that ``weights.solve`` is to use instead of
   this rank's own ``local`` source and ``signals()``;
 * ``parameter_gram(path)``: the averaged Gram of a layer that solves its own
-  parameters (``LayerRule.parameter_gram``: BatchNorm's ``G_γ``);
+  parameters (``LayerRule.parameter_gram``: BatchNorm's per-channel 2x2 entries);
 * ``record_bad(path, what, exc=None)`` where a single process would raise, and
   ``failed``: whether this rank has seen a bad value since the last check.
 """
@@ -88,7 +89,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import solver
 from .errors import BackMatchError, GraphError, NonFiniteError, UnsupportedModuleError
 from .weights import ExchangedGram, ExplicitRows, RowSource, Settings
 
@@ -272,7 +272,7 @@ class Comm:
         gram_parts, gram_plan, row_parts, row_plan = [], [], [], []
         for call, source in local:
             path, rule, module = call.path, call.rule, call.module
-            dtype = solver.solve_dtype(call.input.dtype)
+            dtype = self.settings.dtype_for(call.input.dtype)
             groups = rule.groups(module)  # (a grouped conv: one problem per group, shapes groups x ...)
             if k * source.samples <= source.d or send_rows:
                 rows = rule.input_rows(module, call.input.detach()).to(dtype)

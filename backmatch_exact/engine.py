@@ -32,13 +32,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
+import weakref
 
 import torch
 from torch import nn
 
 from . import distributed, weights
 from .approx import ApproxPlan, Approximations, PlanOp
-from .errors import BackMatchError, GraphError, NonFiniteError, UnsupportedModuleError
+from .errors import BackMatchError, GraphError, NonFiniteError, UnresolvedSolveWarning, UnsupportedModuleError
 from .graph import Capture, Op, Use, Value, call_site, tensors_requiring_grad
 from .layers import LayerRule, glue, rule_for
 from .layers.base import signal_amplification
@@ -47,6 +49,8 @@ from .timing import Timing
 
 MODES = ("bp", "exact", "exact_weights", "approx")
 BACKENDS = ("fast", "reference")
+SOLVE_DTYPES = (None, torch.float32, torch.float64)
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Engine]" = weakref.WeakKeyDictionary()  # hooked module -> engine
 
 
 @dataclasses.dataclass(slots=True)
@@ -88,7 +92,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_damping: float = 0.0,
                  damping_scale: str = "relative", weight_decay: float = 0.0, solve_method: str = "auto",
-                 process_group=None, approximations=None, backend: str = "fast", approx_signals: bool = False):
+                 process_group=None, approximations=None, backend: str = "fast", approx_signals: bool = False,
+                 solve_dtype=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for name, value in (("damping", damping), ("signal_damping", signal_damping),
@@ -101,6 +106,8 @@ class Engine:
             raise ValueError(f"solve_method must be 'auto', 'primal' or 'dual', got {solve_method!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if solve_dtype not in SOLVE_DTYPES:
+            raise ValueError(f"solve_dtype must be one of {SOLVE_DTYPES}, got {solve_dtype!r}")
         switches = Approximations.of(approximations)
         if switches.any() and mode != "exact":
             raise ValueError(f"approximations are switches of mode='exact' (mode='approx' makes all of them), "
@@ -123,7 +130,7 @@ class Engine:
         self._light_factors: dict | None = None  # this step's (m, s) per layer when only .grad is scaled
         self._module_handles: list = []
         self.settings = weights.Settings(float(damping), damping_scale == "relative", float(weight_decay),
-                                         solve_method)
+                                         solve_method, solve_dtype)
         self.signal_damping = float(signal_damping)
         self.timing = Timing()  # bench's per-layer breakdown; off unless enabled
         self.layers = self._collect_layers(model)
@@ -138,6 +145,8 @@ class Engine:
         self._values: dict[int, tuple[torch.Tensor, Value]] = {}  # during a forward pass: id(tensor) -> its value
         self._approx_plans: dict[tuple, ApproxPlan] = {}  # Algorithm 1 per graph and shapes
         self._approx_step = None  # approx mode: the ops of the last forward pass, for stats()
+        self._warned_unresolved = False  # an unresolved weight solve is warned about once per engine
+        self._claim()
         self._install()
         if self.distributed is not None:
             self.distributed.attach([(layer.path, type(layer.module).__name__) for layer in self.layers],
@@ -197,6 +206,21 @@ class Engine:
             handle.remove()
         self._module_handles.clear()
 
+    def _claim(self) -> None:
+        """Refuse a model that another engine is attached to (two engines' hooks would each rewrite the
+        gradients), or one with such a model among its modules; then mark this model's modules as ours."""
+        modules = [(type(self.model).__name__, self.model)] + [(layer.path, layer.module) for layer in self.layers]
+        for path, module in modules:
+            other = _ATTACHED.get(module)
+            if other is not None:
+                where = "" if module is self.model else f" (its module {path!r})"
+                raise BackMatchError(
+                    f"{type(self.model).__name__}{where} is already attached to an engine (mode {other.mode!r}): "
+                    "detach that engine first (engine.detach(), or leave its with-block)"
+                )
+        for _, module in modules:
+            _ATTACHED[module] = self
+
     def detach(self) -> None:
         """Remove every hook: the model behaves exactly as before :func:`attach`."""
         for handle in self._handles:
@@ -204,6 +228,9 @@ class Engine:
         self._handles.clear()
         self._remove_module_hooks()
         self._pending.clear()
+        for module in [self.model] + [layer.module for layer in self.layers]:
+            if _ATTACHED.get(module) is self:
+                del _ATTACHED[module]
 
     def __enter__(self) -> "Engine":
         return self
@@ -554,6 +581,9 @@ class Engine:
         if exchange is not None:
             row["exchange"] = exchange
         self._stats[path] = row
+        if not info.resolved and not self._warned_unresolved:
+            self._warned_unresolved = True
+            warnings.warn(weights.unresolved_message(path, info), UnresolvedSolveWarning, stacklevel=2)
 
     def _solve_parameters(self, op: Op, grad: torch.Tensor) -> None:
         """The closed-form back-matched gradients of a layer's own parameters (a normalization's γ, β)."""
@@ -606,7 +636,10 @@ class Engine:
         layer_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in
                                                            op.plain_grads.values()]))
         scale = torch.maximum(torch.linalg.vector_norm(grad), layer_norm)
-        if bool(gap > 1e-3 * scale + torch.finfo(grad.dtype).tiny):
+        # two computations of one g_W differ by their summation order: measured up to 2e-4 of the layer's
+        # gradient in float32 and 3.4·eps in float16 (half products partly summed in half), hence 16·eps on top
+        tolerance = 1e-3 + 16 * torch.finfo(grad.dtype).eps
+        if bool(gap > tolerance * scale + torch.finfo(grad.dtype).tiny):
             raise GraphError(
                 f"layer {layer.path!r}: parameter {name!r} received a gradient from outside its module "
                 f"(autograd's differs from the layer's own by {float(gap / scale):.2e} relative); add penalties "
@@ -625,10 +658,13 @@ class Engine:
         ``condition`` (estimate), ``residual`` (relative residual of the normal
         equations), ``damping`` (absolute λ), ``amplification`` (largest mean/own
         squared column norm), ``fallback`` (non-empty when a factorization failed
-        and was retried), ``groups``; under torch.distributed also ``exchange`` (gram /
-        rows). ``residual`` and ``amplification`` are computed when this is called,
-        from what the step kept; after the next forward pass they read nan (the
-        step's matrices are let go then).
+        and was retried, or a float32 solve was done again in float64), ``groups``,
+        ``solve_dtype`` (what the Gram was formed and factored in) and ``resolved``
+        (whether that dtype resolves the answer, ``solver.SolveInfo``; the first
+        layer that is not warns once, ``UnresolvedSolveWarning``); under
+        torch.distributed also ``exchange`` (gram / rows). ``residual`` and
+        ``amplification`` are computed when this is called, from what the step kept;
+        after the next forward pass they read nan (the step's matrices are let go then).
 
         Approx mode, per weight layer and per layer whose ratio is not 1:
         ``layer``, ``kind``, ``m`` (backward factor at the output), ``s``
@@ -659,7 +695,8 @@ class _Skipped(Exception):
 
 def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_damping: float = 0.0,
            damping_scale: str = "relative", weight_decay: float = 0.0, solve_method: str = "auto",
-           process_group=None, approximations=None, backend: str = "fast", approx_signals: bool = False) -> Engine:
+           process_group=None, approximations=None, backend: str = "fast", approx_signals: bool = False,
+           solve_dtype=None) -> Engine:
     """Make ``loss.backward()`` on ``model`` compute back-matching propagation.
 
     mode: ``"bp"`` (hooks attached, values unchanged), ``"exact"`` (back-matched
@@ -680,6 +717,10 @@ def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_d
     step (``x.grad`` and tensor hooks then see them). By default, on a network without
     fan-out, the first forward pass of each input shape records and checks the graph and
     later ones only rescale ``.grad``, which gives the same weights at backprop's cost.
+    solve_dtype: the dtype weight Grams are formed and factored in, ``torch.float32``
+    or ``torch.float64``; None (default): float64 for float64 models, and for float32
+    and half models float32 where its Cholesky proves the Gram well conditioned,
+    float64 where it does not (``weights.py``). The answer has the parameters' dtype.
     process_group: data parallelism over torch.distributed (``distributed.py``). A
     ``DistributedDataParallel`` model is unwrapped (hooks on ``model.module``,
     ``engine.model`` is that module) and exchanges over ``model.process_group``
@@ -690,7 +731,10 @@ def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_d
     holds the single-process result on the concatenated batch (equal per-rank batch
     sizes required). A bad value on any rank makes every rank raise.
 
+    A model (or a module of it) takes one engine at a time: attaching a second is an
+    error until the first is detached.
+
     Returns the :class:`Engine`; ``engine.detach()`` (or leaving a ``with`` block) removes it.
     """
     return Engine(model, mode, damping, signal_damping, damping_scale, weight_decay, solve_method, process_group,
-                  approximations, backend, approx_signals)
+                  approximations, backend, approx_signals, solve_dtype)

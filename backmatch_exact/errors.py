@@ -19,3 +19,7 @@ class NonFiniteError(BackMatchError, FloatingPointError):
 
 class SolveError(BackMatchError):
     """Every factorization of a layer's Gram matrix failed."""
+
+
+class UnresolvedSolveWarning(UserWarning):
+    """A layer's weight solve ran in a dtype too coarse for its Gram's condition: its g'_W is not the exact answer."""

@@ -19,6 +19,14 @@ rows come from is a plug-in, a :class:`RowSource`:
   never the im2col matrix;
 * :class:`ExchangedGram` — the ranks' averaged Gram (``distributed.py``): the primal form only.
 
+The dtype the Gram is formed and factored in is ``settings.solve_dtype``; by
+default (None) float64 for float64 models, and for float32 and half models
+float32 where a float32 Cholesky proves the Gram well conditioned, float64 where
+it does not (a float32 eigendecomposition would cut directions the data has:
+``solver.SolveInfo.resolved``). A Gram rounded elsewhere (``ExchangedGram``) cannot
+be formed again: it is factored in float32 and its stats row says whether that
+resolved it. The answer always has the parameters' dtype.
+
 Primal or dual: the N x N dual form (``solver.dual_solve``) is used when the
 source can give the kernel ``AAᵀ``, there is no weight decay (``wd·W̃`` lies
 outside A's row space, where the dual cannot reach) and either
@@ -45,6 +53,8 @@ class RowSource:
     samples: int
     d: int
     batch: int
+    #: the Gram can be formed again in float64 from the rows (not from a Gram rounded elsewhere)
+    reformable: bool = True
 
     def gram(self, dtype: torch.dtype) -> torch.Tensor:
         """``G = AᵀA / B`` (d x d) in ``dtype``."""
@@ -81,6 +91,8 @@ class ExplicitRows(RowSource):
 class ExchangedGram(RowSource):
     """A Gram formed elsewhere (the ranks' average): the primal form only."""
 
+    reformable = False
+
     def __init__(self, gram: torch.Tensor, samples: int, batch: int):
         self._gram, self.samples, self.batch = gram, samples, batch
         self.d = gram.shape[-1]
@@ -97,6 +109,11 @@ class Settings:
     relative_damping: bool = True  # λ · mean(diag G) instead of λ
     weight_decay: float = 0.0
     solve_method: str = "auto"  # "auto" | "primal" | "dual"
+    solve_dtype: torch.dtype | None = None  # the Gram's dtype; None: float32 or float64 (module docstring)
+
+    def dtype_for(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype a layer whose parameters have ``dtype`` forms and factors its Gram in."""
+        return self.solve_dtype or solver.solve_dtype(dtype)
 
 
 def uses_dual(source: RowSource, settings: Settings) -> bool:
@@ -114,25 +131,40 @@ def solve(source: RowSource, plain: torch.Tensor, signals: Callable[[], torch.Te
     ``plain``: ``g_W = Sᵀ A``; ``signals()``: S (N x n, rows in the source's
     order), asked for only by the dual form; ``weight``: ``W̃`` for the weight
     decay. ``identity_scale=s``: Algorithm 1's approximation ``G ≈ s·I``, so
-    ``g'_W = (g_W + wd·W̃) / s`` and nothing is factored.
+    ``g'_W = (g_W + wd·W̃) / s`` and nothing is factored. The dtype: see the module docstring.
     """
     if identity_scale is not None:
         total = plain + settings.weight_decay * weight if settings.weight_decay else plain
         nan, groups = float("nan"), total.shape[0] if total.dim() == 3 else 1
         return total / identity_scale, solver.SolveInfo("identity", source.d, groups * source.d, nan, 0.0, nan,
                                                         groups=groups)
-    dtype = solver.solve_dtype(plain.dtype)
+    dtype = settings.dtype_for(plain.dtype)
+    # the default for float32 and half models: a float32 answer only where the float32 Cholesky proves it
+    # (pivot condition below 1/sqrt(eps), about 3e3), otherwise the Gram is formed and factored in float64
+    may_escalate = settings.solve_dtype is None and dtype != torch.float64 and source.reformable
+    solved = _solve_in(dtype, source, plain, signals, weight, settings, layer, timing, cholesky_only=may_escalate)
+    if solved is None:
+        solved = _solve_in(torch.float64, source, plain, signals, weight, settings, layer, timing)
+        info = solved[1]
+        info.fallback = "; ".join(filter(None, [f"{dtype_name(dtype)} Cholesky not proven: float64",
+                                                info.fallback]))
+    return solved
+
+
+def _solve_in(dtype, source, plain, signals, weight, settings, layer, timing, cholesky_only=False):
+    """:func:`solve` in ``dtype`` (the Gram or kernel formed and factored in it); None as ``solver.factor_solve``."""
     if uses_dual(source, settings):
         with timing.part(layer, "gram"):
             kernel = source.kernel(dtype)
         with timing.part(layer, "weight_grad"):
             rows_signals = signals()
         return solver.dual_solve(kernel, rows_signals, plain, source.batch, source.times_rows, source.d,
-                                 settings.damping, settings.relative_damping, layer, timing)
+                                 settings.damping, settings.relative_damping, layer, timing, cholesky_only)
     with timing.part(layer, "gram"):
         gram = source.gram(dtype)
     total = plain + settings.weight_decay * weight if settings.weight_decay else plain
-    return solver.primal_solve(gram, total, settings.damping, settings.relative_damping, layer, timing)
+    return solver.primal_solve(gram, total, settings.damping, settings.relative_damping, layer, timing,
+                               cholesky_only)
 
 
 def stats_row(layer: str, kind: str, source: RowSource, outputs: int, info: solver.SolveInfo,
@@ -140,6 +172,20 @@ def stats_row(layer: str, kind: str, source: RowSource, outputs: int, info: solv
     """The row ``engine.stats()`` reports for one weight layer (see ``Engine.stats``; for a grouped layer
     ``d`` is per group, ``rank`` summed over the groups, ``condition`` the largest)."""
     return {"layer": layer, "kind": kind, "d": source.d, "outputs": outputs, "samples": source.samples,
-            "batch": source.batch, "groups": info.groups, "path": info.path, "rank": info.rank, "condition": info.condition,
-            "residual": info.residual, "damping": info.damping, "amplification": amplification,
-            "fallback": info.fallback}
+            "batch": source.batch, "groups": info.groups, "path": info.path, "rank": info.rank,
+            "condition": info.condition, "residual": info.residual, "damping": info.damping, "amplification": amplification,
+            "fallback": info.fallback, "solve_dtype": dtype_name(info.dtype), "resolved": info.resolved}
+
+
+def unresolved_message(layer: str, info: solver.SolveInfo) -> str:
+    """What to tell the user about a layer whose answer ``info`` says is not resolved, and what resolves it."""
+    name = dtype_name(info.dtype)
+    remedy = ("damping > 0 bounds the condition" if info.dtype == torch.float64
+              else "attach(..., solve_dtype=torch.float64) forms and factors it in float64")
+    return (f"layer {layer!r}: the {name} weight solve does not resolve its Gram (condition {info.condition:.3g}, "
+            f"times eps({name}) = {info.condition * torch.finfo(info.dtype).eps:.2g}; rank kept {info.rank}): "
+            f"its back-matched gradient may point elsewhere than the exact one; {remedy}")
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")

@@ -173,14 +173,22 @@ def damping_lambda(module: nn.Module, x: torch.Tensor, damping: float, damping_s
 
 # ------------------------------------------------------------------ batchnorm
 
-def batchnorm_oracle(module: nn.Module, x: torch.Tensor, R) -> dict[str, np.ndarray]:
-    """Training-mode BatchNorm: g'_a = R·σ/γ, g'_γ = Σ R x̂ / (Σ x̂² / B), g'_β = Σ R / L."""
+def batchnorm_oracle(module: nn.Module, x: torch.Tensor, R, weight_decay: float = 0.0) -> dict[str, np.ndarray]:
+    """BatchNorm: g'_a = R·σ/γ; (g'_γ, g'_β) the least squares of ``b = γ x̂ + β`` per channel.
+
+    σ and the mean are the batch's (training mode) or the running ones (eval mode). Per channel the
+    rows ``[x̂, 1]`` of every sample and location and the targets ``B·R`` are one stacked problem:
+    ``numpy.linalg.lstsq``'s minimum-norm answer; with weight decay ``(Aᵀ R + wd·θ) · pinv(AᵀA / B)``.
+    """
     a = to_np(x)
     r = to_np(R)
     dims = (0,) + tuple(range(2, a.ndim))
     view = (1, -1) + (1,) * (a.ndim - 2)
-    mean = a.mean(axis=dims)
-    var = ((a - mean.reshape(view)) ** 2).mean(axis=dims)  # biased batch variance
+    if module.training or module.running_mean is None:
+        mean = a.mean(axis=dims)
+        var = ((a - mean.reshape(view)) ** 2).mean(axis=dims)  # biased batch variance
+    else:
+        mean, var = to_np(module.running_mean), to_np(module.running_var)
     sigma = np.sqrt(var + module.eps)
     gamma = to_np(module.weight) if module.weight is not None else np.ones_like(sigma)
     scale = np.where(gamma != 0, sigma / np.where(gamma != 0, gamma, 1.0), 0.0)
@@ -188,11 +196,18 @@ def batchnorm_oracle(module: nn.Module, x: torch.Tensor, R) -> dict[str, np.ndar
     if module.weight is not None:
         x_hat = (a - mean.reshape(view)) / sigma.reshape(view)
         b = a.shape[0]
-        locations = int(np.prod(a.shape[2:])) if a.ndim > 2 else 1
-        num = (r * x_hat).sum(axis=dims)
-        den = (x_hat * x_hat).sum(axis=dims) / b
-        out["weight"] = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
-        out["bias"] = r.sum(axis=dims) / locations
+        beta = to_np(module.bias)
+        solved = []
+        for c in range(a.shape[1]):
+            column = np.moveaxis(x_hat, 1, 0)[c].reshape(-1)
+            target = np.moveaxis(r, 1, 0)[c].reshape(-1)
+            rows = np.stack([column, np.ones_like(column)], axis=1)
+            if weight_decay:
+                g = rows.T @ target + weight_decay * np.array([gamma[c], beta[c]])
+                solved.append(g @ np.linalg.pinv(rows.T @ rows / b, rcond=1e-10, hermitian=True))
+            else:
+                solved.append(np.linalg.lstsq(rows, b * target, rcond=None)[0])
+        out["weight"], out["bias"] = np.array(solved).T
     return out
 
 

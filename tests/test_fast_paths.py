@@ -357,7 +357,7 @@ def test_timing_is_off_by_default_and_records_when_on():
     assert all(seconds >= 0 for seconds in totals.values())
 
 
-def test_bench_runs_and_reports(tmp_path):
+def test_bench_runs_and_reports(tmp_path, capsys):
     report = bench.run("lenet", batch=8, steps=2, warmup=1, threads=1, profile_steps=1, dtype="float32")
     modes = report["modes"]
     assert set(modes) == set(bench.MODES)
@@ -370,6 +370,14 @@ def test_bench_runs_and_reports(tmp_path):
     assert bench.cli(["--model", "lenet", "--batch", "4", "--steps", "1", "--warmup", "0", "--threads", "1",
                       "--modes", "plain,exact", "--profile-steps", "0", "--out", str(out)]) == 0
     assert set(json.loads(out.read_text())["modes"]) == {"plain", "exact"}
+    assert bench.cli(["--model", "lenet", "--batch", "4", "--steps", "1", "--warmup", "0", "--threads", "1",
+                      "--modes", "exact@float32,exact@float64", "--data", "default", "--profile-steps", "0",
+                      "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["modes"]) == {"exact@float32", "exact@float64"}
+    with pytest.raises(SystemExit) as refused:
+        bench.cli(["--modes", "exact@float16"])
+    assert refused.value.code == 2
+    assert "--modes must be mode names" in capsys.readouterr().err
 
 
 def test_retained_graph_second_backward_matches_reference():

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import backmatch_exact as bm
+from backmatch_exact.layers import rule_for
 try:
     from tests import oracle
 except ImportError:  # pytest's rootdir/tests on sys.path
@@ -345,26 +346,36 @@ def test_dropout_signal(p, train, mu, shape, seed):
 
 # ------------------------------------------------------------------ BatchNorm
 
-@SETTINGS
-@given(kind=st.sampled_from(["1d", "1d-seq", "2d"]), affine=st.booleans(), batch=st.integers(2, 4),
-       channels=st.integers(1, 3), zero_gamma=st.booleans(), constant_channel=st.booleans(),
-       eps=st.sampled_from([1e-5, 0.1]), mu=mus, seed=seeds)
-def test_batchnorm_signal_and_affine(kind, affine, batch, channels, zero_gamma, constant_channel, eps, mu, seed):
-    gen = torch.Generator().manual_seed(seed)
+def _batchnorm_case(kind, training, batch, channels, eps, gen, constant_channel=False, affine=True):
+    """A BatchNorm in float64 with random γ, β and running statistics (mean far from the data's in eval mode)."""
     shape = {"1d": (batch, channels), "1d-seq": (batch, channels, 5), "2d": (batch, channels, 5, 6)}[kind]
     cls = nn.BatchNorm2d if kind == "2d" else nn.BatchNorm1d
-    layer = cls(channels, eps=eps, affine=affine).to(DT).train()
+    layer = cls(channels, eps=eps, affine=affine).to(DT).train(training)
     if affine:
         randomize(layer, gen)
-        if zero_gamma:
-            with torch.no_grad():
-                layer.weight[0] = 0.0
+    with torch.no_grad():
+        layer.running_mean.copy_(2.0 * randn(gen, channels))
+        layer.running_var.copy_(randn(gen, channels).abs() * 4.0 + 0.5)
     x = 3.0 * randn(gen, *shape) + 1.5
     if constant_channel:
-        x[:, -1] = 0.5  # zero variance: x̂ = 0, Σx̂² = 0
-    R = randn(gen, *shape)
-    g_a, grads, _, _ = run(layer, x, R, signal_damping=mu)
-    expected = oracle.batchnorm_oracle(layer, x, R)
+        x[:, -1] = 0.5  # training: zero variance, x̂ = 0; eval: x̂ constant, a rank-1 2x2 Gram
+    return layer, x, randn(gen, *shape)
+
+
+@SETTINGS
+@given(kind=st.sampled_from(["1d", "1d-seq", "2d"]), affine=st.booleans(), training=st.booleans(),
+       batch=st.integers(2, 4), channels=st.integers(1, 3), zero_gamma=st.booleans(), constant_channel=st.booleans(),
+       eps=st.sampled_from([1e-5, 0.1]), mu=mus, weight_decay=st.sampled_from([0.0, 0.0, 0.3]), seed=seeds)
+def test_batchnorm_signal_and_affine(kind, affine, training, batch, channels, zero_gamma, constant_channel, eps, mu,
+                                     weight_decay, seed):
+    """Training (batch statistics) and eval (running statistics): g'_a, and γ, β by the stacked per-channel lstsq."""
+    gen = torch.Generator().manual_seed(seed)
+    layer, x, R = _batchnorm_case(kind, training, batch, channels, eps, gen, constant_channel, affine)
+    if affine and zero_gamma:
+        with torch.no_grad():
+            layer.weight[0] = 0.0
+    g_a, grads, _, _ = run(layer, x, R, signal_damping=mu, weight_decay=weight_decay)
+    expected = oracle.batchnorm_oracle(layer, x, R, weight_decay)
     assert_close(g_a, expected["input"], what="g'_a")
     if affine:
         check_weights(layer, grads, {k: expected[k] for k in ("weight", "bias")})
@@ -372,6 +383,55 @@ def test_batchnorm_signal_and_affine(kind, affine, batch, channels, zero_gamma, 
             assert not g_a[:, 0].any()
     else:
         assert grads == {}
+
+
+def test_batchnorm_eval_mode_is_not_the_diagonal_answer():
+    """With running statistics E[x̂] ≠ 0: the decoupled g_γ / Σx̂², g_β / L is far from the least-squares answer."""
+    gen = torch.Generator().manual_seed(4)
+    layer, x, R = _batchnorm_case("2d", False, 8, 3, 1e-5, gen)
+    _, grads, _, _ = run(layer, x, R)
+    expected = oracle.batchnorm_oracle(layer, x, R)
+    check_weights(layer, grads, {k: expected[k] for k in ("weight", "bias")})
+    _, plain = plain_grads(nn.Sequential(layer), x, R)
+    x_hat = (x - layer.running_mean[None, :, None, None]) / torch.sqrt(layer.running_var + layer.eps)[None, :, None,
+                                                                                                      None]
+    diagonal = {"weight": plain["0.weight"] / ((x_hat ** 2).sum((0, 2, 3)) / 8), "bias": plain["0.bias"] / 30}
+    for name in ("weight", "bias"):
+        gap = float((diagonal[name] - grads[name]).norm() / grads[name].norm())
+        assert gap > 0.1, (name, gap)
+
+
+def test_batchnorm_training_mode_is_the_diagonal_answer_bit_for_bit():
+    """Batch statistics: Σ_u E[x̂] = 0 exactly, and the 2x2 solve is g_γ / Σ_u E[x̂²], g_β / L to the last bit."""
+    gen = torch.Generator().manual_seed(5)
+    layer, x, R = _batchnorm_case("2d", True, 6, 4, 1e-5, gen)
+    layer, x, R = layer.float(), x.float(), R.float()
+    rule = rule_for(layer, "bn")
+    solved, plain = rule.parameter_gradients(layer, x, R, 0.01)
+    x_hat = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(x.var((0, 2, 3), unbiased=False, keepdim=True)
+                                                               + layer.eps)
+    assert torch.equal(rule.parameter_gram(layer, x)[1], torch.zeros(4))
+    squares = rule.parameter_gram(layer, x)[0]
+    torch.testing.assert_close(squares, (x_hat ** 2).sum((0, 2, 3)) / 6)
+    assert torch.equal(solved["weight"], (plain["weight"] + 0.01 * layer.weight.detach()) / squares)
+    assert torch.equal(solved["bias"], (plain["bias"] + 0.01 * layer.bias.detach()) / 30)
+
+
+@pytest.mark.parametrize("kind", ["1d", "1d-seq", "2d"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.3])
+def test_batchnorm_eval_gram_averaged_over_shards_is_the_whole_batch_answer(kind, weight_decay):
+    """The data-parallel path in one process: two shards' ``parameter_gram`` averaged (what the ranks exchange),
+    each shard solved with it on its own signals (its loss a mean over its half), then averaged (DDP's
+    gradient average), equals the dense oracle on the whole batch."""
+    gen = torch.Generator().manual_seed(6)
+    layer, x, R = _batchnorm_case(kind, False, 6, 3, 1e-5, gen, constant_channel=True)
+    rule = rule_for(layer, "bn")
+    halves = [slice(0, 3), slice(3, 6)]
+    gram = sum(rule.parameter_gram(layer, x[h]) for h in halves) / 2
+    shards = [rule.parameter_gradients(layer, x[h], 2 * R[h], weight_decay, gram.reshape(-1))[0] for h in halves]
+    expected = oracle.batchnorm_oracle(layer, x, R, weight_decay)
+    check_weights(layer, {n: (shards[0][n] + shards[1][n]) / 2 for n in ("weight", "bias")},
+                  {k: expected[k] for k in ("weight", "bias")})
 
 
 # ------------------------------------------------------------------ damping

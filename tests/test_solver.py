@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from backmatch_exact import solver
+from backmatch_exact import solver, weights
 from backmatch_exact.errors import NonFiniteError, SolveError
 
 
@@ -27,8 +27,8 @@ def _min_norm(matrix, rhs, rcond):
 
 def test_well_conditioned_matrix_takes_cholesky():
     matrix, rhs = _psd([1.0, 2.0, 3.0, 5.0, 8.0]), _rhs(3, 5)
-    x, path, rank, condition, fallback = solver.factor_solve(matrix, rhs)
-    assert (path, rank, fallback) == ("cholesky", 5, "")
+    x, path, rank, condition, fallback, resolved = solver.factor_solve(matrix, rhs)
+    assert (path, rank, fallback, resolved) == ("cholesky", 5, "", True)
     np.testing.assert_allclose(x.numpy(), rhs.numpy() @ np.linalg.inv(matrix.numpy()), rtol=1e-12)
     pivots = torch.diagonal(torch.linalg.cholesky(matrix))
     assert condition == pytest.approx(float((pivots.max() / pivots.min()) ** 2))
@@ -36,8 +36,8 @@ def test_well_conditioned_matrix_takes_cholesky():
 
 def test_singular_matrix_takes_eigh_and_gives_the_minimum_norm_answer():
     matrix, rhs = _psd([0.0, 0.0, 1.0, 2.0, 4.0, 8.0]), _rhs(2, 6)
-    x, path, rank, condition, fallback = solver.factor_solve(matrix, rhs)
-    assert (path, rank, fallback) == ("eigh", 4, "")
+    x, path, rank, condition, fallback, resolved = solver.factor_solve(matrix, rhs)
+    assert (path, rank, fallback, resolved) == ("eigh", 4, "", True)  # the zeros are far below the noise floor
     assert condition == pytest.approx(8.0)  # the kept eigenvalues only
     np.testing.assert_allclose(x.numpy(), _min_norm(matrix, rhs, 1e-10), rtol=1e-9, atol=1e-12)
 
@@ -46,16 +46,46 @@ def test_ill_conditioned_float32_matrix_leaves_cholesky_for_eigh():
     """Full rank in exact arithmetic, but its pivot condition (1e5) is above float32's trust bound (≈3e3)."""
     assert solver.max_cholesky_condition(torch.float32) < 1e5 < solver.max_cholesky_condition(torch.float64)
     spectrum = [1e-5, 1e-2, 0.5, 1.0]
-    x32, path32, rank32, _, _ = solver.factor_solve(_psd(spectrum, dtype=torch.float32), _rhs(3, 4, dtype=torch.float32))
-    x64, path64, rank64, _, _ = solver.factor_solve(_psd(spectrum), _rhs(3, 4))
+    x32, path32, rank32, _, _, resolved32 = solver.factor_solve(_psd(spectrum, dtype=torch.float32),
+                                                                _rhs(3, 4, dtype=torch.float32))
+    x64, path64, rank64, _, _, resolved64 = solver.factor_solve(_psd(spectrum), _rhs(3, 4))
     assert (path32, rank32) == ("eigh", 4) and (path64, rank64) == ("cholesky", 4)
+    assert not resolved32 and resolved64  # κ·eps = 1e5 · 1.2e-7 > RESOLVED_ERROR in float32 only
     np.testing.assert_allclose(x32.double().numpy(), x64.numpy(), rtol=0.05)  # float32 at condition 1e5
+
+
+@pytest.mark.parametrize("spectrum, resolved", [
+    ([0.0] * 8 + list(np.logspace(-3, 0, 56)), True),  # zeros that float32 turns into noise, kept ones well apart
+    ([2e-6] * 8 + list(np.logspace(-3, 0, 56)), False),  # above √64·eps·λ_max but below the cut 64·eps·λ_max
+])
+def test_eigenvalues_between_the_noise_floor_and_the_cut_are_not_resolved(spectrum, resolved):
+    x, path, rank, condition, _, got = solver.factor_solve(_psd(spectrum, dtype=torch.float32),
+                                                           _rhs(2, 64, dtype=torch.float32))
+    assert (path, rank, got) == ("eigh", 56, resolved)
+    assert condition == pytest.approx(1e3 if resolved else 5e5, rel=0.1)  # λ_max / the smallest data eigenvalue
+
+
+def test_weights_solve_forms_a_float32_gram_again_in_float64_when_cholesky_cannot_prove_it():
+    """Default settings: rows it can form again are solved in float64; an exchanged (rounded) Gram cannot be, and
+    says whether float32 resolved it; solve_dtype=torch.float32 keeps float32."""
+    rows = (_rhs(40, 6) @ torch.diag(torch.logspace(0, -3, 6, dtype=torch.float64))).float()
+    grad = _rhs(3, 6, seed=2, dtype=torch.float32)
+    answer = (grad.double() @ torch.linalg.inv(rows.double().T @ rows.double() / 40)).float()
+    cases = [(weights.ExplicitRows(rows, 40), weights.Settings(), torch.float64, True),
+             (weights.ExchangedGram(rows.T @ rows / 40, 40, 40), weights.Settings(), torch.float32, False),
+             (weights.ExplicitRows(rows, 40), weights.Settings(solve_dtype=torch.float32), torch.float32, False)]
+    for source, settings, dtype, resolved in cases:
+        x, info = weights.solve(source, grad, lambda: None, None, settings)
+        assert (x.dtype, info.dtype, info.resolved) == (torch.float32, dtype, resolved)
+        if resolved:
+            assert info.fallback == "float32 Cholesky not proven: float64"
+            torch.testing.assert_close(x, answer, rtol=1e-5, atol=0)
 
 
 def test_non_finite_right_hand_side_is_refused():
     matrix, rhs = _psd([1.0, 2.0, 3.0]), _rhs(2, 3)
     rhs[1, 1] = float("nan")
-    _, path, _, _, _ = solver.factor_solve(matrix, rhs)
+    _, path, _, _, _, _ = solver.factor_solve(matrix, rhs)
     assert path == "eigh"  # the NaN answer fails the Cholesky check
     with pytest.raises(NonFiniteError, match="fc9.*not finite"):
         solver.primal_solve(matrix, rhs, layer="fc9")
@@ -78,7 +108,7 @@ def _failing_eigh(monkeypatch, fails):
 def test_eigh_failure_in_float32_is_retried_in_float64(monkeypatch):
     matrix, rhs = _psd([0.0, 1.0, 3.0], dtype=torch.float32), _rhs(2, 3, dtype=torch.float32)
     calls = _failing_eigh(monkeypatch, lambda n, m: m.dtype == torch.float32)
-    x, path, rank, _, fallback = solver.factor_solve(matrix, rhs)
+    x, path, rank, _, fallback, _ = solver.factor_solve(matrix, rhs)
     assert calls == [torch.float32, torch.float64]
     assert (path, rank, x.dtype) == ("eigh", 2, torch.float32)
     assert "eigh failed in torch.float32" in fallback and fallback.endswith("float64 retry")
@@ -88,7 +118,7 @@ def test_eigh_failure_in_float32_is_retried_in_float64(monkeypatch):
 def test_second_eigh_failure_adds_jitter(monkeypatch):
     matrix, rhs = _psd([0.0, 1.0, 3.0]), _rhs(2, 3)
     calls = _failing_eigh(monkeypatch, lambda n, m: n <= 2)
-    x, path, rank, _, fallback = solver.factor_solve(matrix, rhs)
+    x, path, rank, _, fallback, _ = solver.factor_solve(matrix, rhs)
     assert len(calls) == 3 and path == "eigh" and rank == 2
     assert "float64 with jitter" in fallback
     np.testing.assert_allclose(x.numpy(), _min_norm(matrix, rhs, 1e-10), rtol=1e-9, atol=1e-12)

@@ -9,9 +9,11 @@ all-reduces the per-channel sums (count-weighted, as the layer does).
 * backprop:      g_a = (γ/σ)·g_b + the batch-statistics coupling terms of eq. 25
 * back-matching: g'_a = g_b · σ / γ      (eq. 26: each unit matches its signal on its
                  own, so the coupling terms are dropped; γ = 1 without affine; γ = 0 gives 0)
-                 g'_γ = g_γ / G_γ,  g'_β = g_β / G_β  — the per-channel least squares of
-                 ``b = γ x̂ + β`` decouples because E[x̂] = 0; with the conv convention (mean over
-                 samples, sum over the L locations) G_γ = Σ_u E[x̂²] and G_β = L.
+                 (g'_γ, g'_β) = (g_γ, g_β) · G⁺ per channel, the least squares of ``b = γ x̂ + β``
+                 with the 2x2 Gram  G = [[Σ_u E[x̂²], Σ_u E[x̂]], [Σ_u E[x̂], L]]  (the conv convention:
+                 mean over samples, sum over the L locations; weight decay added to g_γ, g_β first).
+                 With batch statistics E[x̂] = 0 and it decouples: g'_γ = g_γ / Σ_u E[x̂²], g'_β = g_β / L.
+                 With running statistics (eval mode) E[x̂] ≠ 0 and the 2x2 is solved in full.
 * approximate:   Var[a] ≈ ‖W‖²_{2,µ} of the weight layer that produced a (row homogeneity with
                  normalized inputs), so r = g_a / g'_a = γ²/σ² ≈ mean(γ²) / ‖W‖²_{2,µ}   (eq. 36;
                  γ = 1 without affine)
@@ -81,6 +83,14 @@ def normalized(module, a: torch.Tensor) -> torch.Tensor:
     return (a - _channel_view(mean, a)) / _channel_view(batch_std(module, a), a)
 
 
+def _gram_entries(module, a: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    dims = _reduce_dims(a)
+    squares = (x_hat * x_hat).sum(dim=dims) / a.shape[0]
+    uses_batch_stats = module.training or module.running_mean is None
+    means = torch.zeros_like(squares) if uses_batch_stats else x_hat.sum(dim=dims) / a.shape[0]
+    return torch.stack([squares, means])
+
+
 class BatchNormRule(LayerRule):
     needs_output_signal = True
     normalizes = True
@@ -121,21 +131,40 @@ class BatchNormRule(LayerRule):
         return module.weight is not None
 
     def parameter_gram(self, module, a):
-        """``G_γ = Σ_u E[x̂²]`` per channel (mean over samples, sum over locations)."""
-        x_hat = normalized(module, a)
-        return (x_hat * x_hat).sum(dim=_reduce_dims(a)) / a.shape[0]
+        """Per channel ``[Σ_u E[x̂²], Σ_u E[x̂]]`` (2 x C): the entries of the 2x2 Gram that depend on the data.
+
+        With batch statistics ``Σ_u E[x̂]`` is zero by construction and is set to exactly 0, so that the
+        solve reduces to the diagonal one bit for bit. Ranks with equal batches average these (the
+        average of their means is the global mean).
+        """
+        return _gram_entries(module, a, normalized(module, a))
 
     def parameter_gradients(self, module, a, grad_output, weight_decay: float, gram=None):
-        """``g'_γ = g_γ / G_γ`` and ``g'_β = g_β / L``: the per-channel 2x2 least squares, diagonal since E[x̂] = 0.
+        """``(g'_γ, g'_β) = (g_γ + wd·γ, g_β + wd·β) · G⁺`` per channel, G the 2x2 Gram of ``b = γ x̂ + β``.
 
-        Plain: autograd's ``g_γ, g_β``, which the engine uses to cross-check.
+        By the Schur complement ``s = Σ_u E[x̂²] - L·μ²`` of ``L`` (μ = mean of x̂ over samples and
+        locations): ``g'_γ = (g_γ - μ g_β) / s``, ``g'_β = g_β / L - μ g'_γ``; with batch statistics μ = 0
+        and this is ``g_γ / Σ_u E[x̂²]``, ``g_β / L``. A channel whose s is within rounding of the
+        subtracted ``L·μ²`` (x̂ constant: G of rank 1, ``G = L·v vᵀ`` with ``v = (μ, 1)``) gets the
+        minimum-norm answer ``v (v·g) / (L |v|⁴)``. ``gram``: :meth:`parameter_gram`'s value (flat is
+        fine), e.g. the ranks' average. Plain: autograd's ``g_γ, g_β``, which the engine uses to cross-check.
         """
         x_hat = normalized(module, a)
         dims = _reduce_dims(a)
         plain = {"weight": (grad_output * x_hat).sum(dim=dims), "bias": grad_output.sum(dim=dims)}
         g_gamma = plain["weight"] + weight_decay * module.weight.detach()
         g_beta = plain["bias"] + weight_decay * module.bias.detach()
-        if gram is None:
-            gram = (x_hat * x_hat).sum(dim=dims) / a.shape[0]
+        squares, means = (_gram_entries(module, a, x_hat) if gram is None else gram).reshape(2, -1)
         locations = a[0, 0].numel() if a.dim() > 2 else 1
-        return {"weight": safe_divide(g_gamma, gram), "bias": g_beta / locations}, plain
+        mu = means / locations
+        schur = squares - means * mu
+        # rounding of s when x̂ is constant, relative to L·μ², grows like √N·eps over N = samples x locations
+        # (measured in float32: at most 6.7·eps at N = 16, 41·eps at N = 2¹⁵, 230·eps at N = 2²⁰)
+        noise = ((a.numel() // a.shape[1]) ** 0.5 + 8) * torch.finfo(schur.dtype).eps * means * mu
+        full_rank = schur > noise
+        gamma = safe_divide(g_gamma - mu * g_beta, schur, full_rank)
+        beta = g_beta / locations - mu * gamma
+        norm_sq = mu * mu + 1.0  # rank 1: the minimum-norm answer along v = (μ, 1)
+        along = (mu * g_gamma + g_beta) / (locations * norm_sq * norm_sq)
+        return {"weight": torch.where(full_rank, gamma, mu * along),
+                "bias": torch.where(full_rank, beta, along)}, plain

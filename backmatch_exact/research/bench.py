@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 import backmatch_exact as bm
 
+from .. import data
 from .common import (
     MODELS,
     Parser,
@@ -53,6 +54,7 @@ from .common import (
 )
 
 MODES = ("plain", "bp", "approx", "exact", "exact_weights")
+SOLVE_DTYPES = ("", "float32", "float64")  # after "@" in a mode name: attach(solve_dtype=...)
 PARTS = ("gram", "weight_grad", "factor", "solve", "dual", "column_norms", "input_signal")
 
 
@@ -68,7 +70,9 @@ class _Runner:
     def __init__(self, mode: str, base: torch.nn.Module, lr: float):
         self.mode = mode
         self.model = copy.deepcopy(base)
-        self.engine = None if mode == "plain" else bm.attach(self.model, mode=mode)
+        engine_mode, _, solve_dtype = mode.partition("@")  # "exact@float64": exact with float64 solves
+        self.engine = None if mode == "plain" else bm.attach(self.model, mode=engine_mode,
+                                                             solve_dtype=getattr(torch, solve_dtype, None))
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr)
         self.initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
@@ -85,24 +89,26 @@ class _Runner:
 
 def run(model: str = "lenet", batch: int = 128, device: str = "cpu", dtype: str = "float32", steps: int = 20,
         warmup: int = 3, threads: int | None = None, modes=MODES, lr: float = 0.01, profile_steps: int = 3,
-        seed: int = 0, clock: str = "wall") -> dict:
+        seed: int = 0, clock: str = "wall", data_spec: str = "synthetic") -> dict:
     """Time the modes; return the JSON-ready report (see the module docstring).
 
     ``clock``: ``"wall"`` (``time.perf_counter``, the default and the only one on CUDA) or
     ``"cpu"`` (``time.process_time``: CPU seconds of every thread of this process, which a
     shared machine's other jobs barely disturb; with ``threads=1`` the cleanest comparison).
+    ``data_spec``: ``"synthetic"`` (a Gaussian CIFAR-shaped batch) or a ``data.load`` spec, whose first
+    ``batch`` training images are used (real images make some Grams worse conditioned than noise does).
     """
     previous = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run(model, batch, device, dtype, steps, warmup, modes, lr, profile_steps, seed, clock)
+        return _run(model, batch, device, dtype, steps, warmup, modes, lr, profile_steps, seed, clock, data_spec)
     finally:
         torch.set_num_threads(previous[0])
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous[1:]
 
 
-def _run(model, batch, device, dtype, steps, warmup, modes, lr, profile_steps, seed, clock) -> dict:
+def _run(model, batch, device, dtype, steps, warmup, modes, lr, profile_steps, seed, clock, data_spec) -> dict:
     dev = torch.device(device)
     timer = time.process_time if clock == "cpu" and dev.type != "cuda" else time.perf_counter
     if dev.type == "cuda":
@@ -110,10 +116,16 @@ def _run(model, batch, device, dtype, steps, warmup, modes, lr, profile_steps, s
         torch.backends.cudnn.allow_tf32 = False
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(seed)
-    base = build_model(model, 3, 10).to(dev, torch_dtype).train()  # CIFAR shapes: the batch is 3 x 32 x 32
-    gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, 3, 32, 32, generator=gen).to(dev, torch_dtype)
-    y = torch.randint(0, 10, (batch,), generator=gen).to(dev)
+    if data_spec == "synthetic":
+        base = build_model(model, 3, 10)  # CIFAR shapes: the batch is 3 x 32 x 32
+        gen = torch.Generator().manual_seed(seed + 1)
+        x, y = torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+    else:
+        dataset = data.load(data_spec)
+        base = build_model(model, dataset.in_channels, dataset.num_classes)
+        x, y = dataset.x_train[:batch], dataset.y_train[:batch]
+    base = base.to(dev, torch_dtype).train()
+    x, y = x.to(dev, torch_dtype), y.to(dev)
     runners = [_Runner(mode, base, lr) for mode in modes]
     sync = _sync(dev)
     times: dict[str, list[float]] = {mode: [] for mode in modes}
@@ -139,7 +151,8 @@ def _run(model, batch, device, dtype, steps, warmup, modes, lr, profile_steps, s
 
     medians = {mode: statistics.median(t) for mode, t in times.items()}
     report = {
-        "config": {"model": model, "batch": batch, "device": str(dev), "dtype": dtype, "steps": steps,
+        "config": {"model": model, "batch": batch, "data": data_spec, "device": str(dev), "dtype": dtype,
+                   "steps": steps,
                    "warmup": warmup, "threads": torch.get_num_threads(), "lr": lr, "seed": seed,
                    "clock": "cpu (process_time)" if timer is time.process_time else "wall (perf_counter)",
                    "torch": torch.__version__, "python": platform.python_version(),
@@ -167,7 +180,7 @@ def _run(model, batch, device, dtype, steps, warmup, modes, lr, profile_steps, s
     exact = next((r for r in runners if r.mode == "exact"), None)
     if exact is not None and profile_steps > 0:
         report["breakdown_ms"], report["profiled_step_ms"] = _breakdown(exact, x, y, sync, profile_steps, timer)
-        report["exact_stats"] = [{k: s[k] for k in ("layer", "kind", "d", "samples", "path", "rank")}
+        report["exact_stats"] = [{k: s[k] for k in ("layer", "kind", "d", "samples", "path", "rank", "solve_dtype")}
                                  for s in exact.engine.stats()]
     for runner in runners:
         if runner.engine is not None:
@@ -201,15 +214,17 @@ def _breakdown(runner: _Runner, x, y, sync, steps: int, timer=time.perf_counter)
 
 def format_report(report: dict) -> str:
     cfg = report["config"]
-    lines = [f"{cfg['model']} batch {cfg['batch']} {cfg['dtype']} on {cfg['device']} ({cfg['device_name']}), "
+    lines = [f"{cfg['model']} batch {cfg['batch']} ({cfg.get('data', 'synthetic')} data) {cfg['dtype']} on "
+             f"{cfg['device']} ({cfg['device_name']}), "
              f"{cfg['threads']} threads, median of {cfg['steps']} steps after {cfg['warmup']} warm-up rounds, "
              f"{cfg['clock']} clock"]
-    header = (f"{'mode':<14}{'median ms':>11}{'q1 ms':>9}{'q3 ms':>9}{'vs plain':>10}{'paired':>8}{'vs bp':>8}"
+    width = max(14, 2 + max(len(mode) for mode in report["modes"]))
+    header = (f"{'mode':<{width}}{'median ms':>11}{'q1 ms':>9}{'q3 ms':>9}{'vs plain':>10}{'paired':>8}{'vs bp':>8}"
               f"{'peak MiB':>10}")
     lines += [header, "-" * len(header)]
     for mode, e in report["modes"].items():
         peak = f"{e['peak_memory_bytes'] / 2**20:.0f}" if e["peak_memory_bytes"] else "n/a"
-        lines.append(f"{mode:<14}{e['median_ms']:>11.2f}{e['q1_ms']:>9.2f}{e['q3_ms']:>9.2f}"
+        lines.append(f"{mode:<{width}}{e['median_ms']:>11.2f}{e['q1_ms']:>9.2f}{e['q3_ms']:>9.2f}"
                      f"{e.get('vs_plain', float('nan')):>10.3f}{e.get('vs_plain_paired', float('nan')):>8.3f}"
                      f"{e.get('vs_bp', float('nan')):>8.3f}{peak:>10}")
     if report.get("peak_memory_exact_vs_bp"):
@@ -217,26 +232,28 @@ def format_report(report: dict) -> str:
     if "breakdown_ms" in report:
         lines.append("")
         lines.append(f"exact step, per layer, ms per step (timing on: {report['profiled_step_ms']:.2f} ms per step)")
-        header = f"{'layer':<22}{'path':<16}" + "".join(f"{p:>13}" for p in PARTS) + f"{'sum':>9}"
+        header = f"{'layer':<22}{'path, solve bits':<20}" + "".join(f"{p:>13}" for p in PARTS) + f"{'sum':>9}"
         lines += [header, "-" * len(header)]
-        paths = {s["layer"]: s["path"] for s in report.get("exact_stats", [])}
+        paths = {s["layer"]: f"{s['path']} {(s.get('solve_dtype') or '')[5:]}" for s in report.get("exact_stats", [])}
         sums = {p: 0.0 for p in PARTS}
         for layer, parts in report["breakdown_ms"].items():
-            row = f"{layer:<22}{paths.get(layer, ''):<16}"
+            row = f"{layer:<22}{paths.get(layer, ''):<20}"
             for p in PARTS:
                 row += f"{parts.get(p, 0.0):>13.3f}"
                 sums[p] += parts.get(p, 0.0)
             lines.append(row + f"{sum(parts.values()):>9.3f}")
-        lines.append(f"{'total':<38}" + "".join(f"{sums[p]:>13.3f}" for p in PARTS) + f"{sum(sums.values()):>9.3f}")
+        lines.append(f"{'total':<42}" + "".join(f"{sums[p]:>13.3f}" for p in PARTS) + f"{sum(sums.values()):>9.3f}")
     return "\n".join(lines)
 
 
 def mode_names(text: str) -> list[str]:
     """``--modes`` values: a mode name (or, as older scripts wrote it, several joined by commas)."""
     names = [name for name in text.split(",") if name]
-    unknown = [name for name in names if name not in MODES]
+    unknown = [name for name in names
+               if name.partition("@")[0] not in MODES or name.partition("@")[2] not in SOLVE_DTYPES]
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"must be mode names from {' '.join(MODES)}, got {text}")
+        raise argparse.ArgumentTypeError(f"must be mode names from {' '.join(MODES)} (an exact mode optionally "
+                                         f"with @float32 or @float64), got {text}")
     return names
 
 
@@ -249,11 +266,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed rounds first")
     add_options(p, "--threads")
     p.add_argument("--modes", nargs="+", type=mode_names, metavar="MODE",
-                   help=f"the modes to time (default: all of {' '.join(MODES)})")
+                   help=f"the modes to time (default: all of {' '.join(MODES)}); an exact mode may name its "
+                        "solve dtype, e.g. exact@float64")
     p.add_argument("--lr", type=positive_float, default=0.01, help="learning rate of the SGD step")
     p.add_argument("--profile-steps", type=non_negative_int, default=3,
                    help="exact steps with the per-layer timing on (0: none)")
     add_options(p, "--seed")
+    p.add_argument("--data", default="synthetic",
+                   help="'synthetic' (a Gaussian CIFAR-shaped batch), 'default' (the shipped data) or a folder")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="wall: perf_counter; cpu: process_time, robust on a busy shared CPU")
     p.add_argument("--out", default=None, help="write the report as JSON here (replacing the file)")
@@ -263,7 +283,7 @@ def main(args: argparse.Namespace) -> int:
     """Entry point of ``backmatch bench``."""
     modes = tuple(dict.fromkeys(mode for group in args.modes for mode in group)) if args.modes else MODES
     report = run(args.model, args.batch_size, args.device, args.dtype, args.steps, args.warmup, args.threads, modes,
-                 args.lr, args.profile_steps, args.seed, args.clock)
+                 args.lr, args.profile_steps, args.seed, args.clock, args.data)
     print(format_report(report))
     if args.out:
         path = os.path.abspath(args.out)

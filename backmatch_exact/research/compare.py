@@ -21,6 +21,7 @@ propagates and solves layer by layer); bp mode is held against plain autograd.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import dataclasses
 import functools
@@ -203,13 +204,14 @@ CHECKS = {
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, damping: float = 0.0,
              signal_damping: float = 0.0, damping_scale: str = "relative",
-             float32_model: nn.Module | None = None) -> tuple[list[dict], dict]:
+             float32_model: nn.Module | None = None, float32_solve_dtype=None) -> tuple[list[dict], dict]:
     """All per-layer measurements on one batch ``(x, y)`` for the model as it is now.
 
     ``model`` should be a private copy (its BatchNorm running statistics move),
     in the dtype the comparison runs in, in training mode. ``damping`` and
     ``signal_damping`` configure the exact mode (and the ablations). ``float32_model``,
-    if given, is a float32 copy whose exact gradients are compared with ``model``'s
+    if given, is a float32 copy whose exact gradients (solved with
+    ``attach(solve_dtype=float32_solve_dtype)``) are compared with ``model``'s
     to show how much float32 rounding moves them.
 
     Returns ``(rows, checks)``: one dict per weight layer (see the module's CSV
@@ -220,7 +222,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, damping: float 
     passes = {"bp": run("plain", record_inputs=True), "exact": run("exact", **exact_args), "approx": run("approx")}
     ablations = {key: run("exact", approximations=switches, **exact_args)
                  for key, switches in ablation_settings().items()}
-    f32 = engine_pass(float32_model, x.float(), y, "exact", **exact_args) if float32_model is not None else None
+    f32 = (engine_pass(float32_model, x.float(), y, "exact", solve_dtype=float32_solve_dtype, **exact_args)
+           if float32_model is not None else None)
     checks = {
         "reference_vs_exact": _largest_gap(passes["exact"], run("exact", backend="reference", **exact_args)),
         "switches_vs_approx": _largest_gap(passes["approx"], run("exact", approximations=ALGORITHM1)),
@@ -268,7 +271,9 @@ def _layer_row(calls: list, index: int, passes: dict[str, EnginePass], ablations
         row["bn_var_ratio"] = float(var.mean()) / mean_sq_row_norm(module.weight)
         row["bn_var_spread"] = float(var.std(unbiased=False) / var.mean())
     row["f32_cosine"] = row["f32_rel_diff"] = float("nan")
+    row["f32_solve_dtype"] = ""
     if f32 is not None:
+        row["f32_solve_dtype"] = f32.stats[path]["solve_dtype"]
         row["f32_cosine"] = cosine(f32.weight_grads[path], g["exact"])
         row["f32_rel_diff"] = relative_difference(f32.weight_grads[path].to(g["exact"].dtype), g["exact"])
     for key, result in ablations.items():
@@ -468,9 +473,14 @@ def findings(rows: list[dict], checks: dict, dtype: str = "float64") -> list[dic
         else:
             conclusion = (f"float32 is not enough for the exact gradients everywhere: they differ from {dtype} by "
                           f"up to {worst['f32_rel_diff']:.1e} at {worst['layer']} (step {worst['step']}).")
+        least = min((r for r in rows if math.isfinite(r["f32_cosine"])), key=lambda r: r["f32_cosine"])
+        in64 = collections.Counter(r["layer"] for r in rows if r.get("f32_solve_dtype") == "float64")
         add(conclusion, f"Relative difference float32 vs {dtype}: largest {worst['f32_rel_diff']:.1e} "
             f"({worst['layer']}, step {worst['step']}; condition of G there {worst['condition']:.3g}), "
-            f"median {np.median(f32):.1e}.")
+            f"median {np.median(f32):.1e}; cosine at least {least['f32_cosine']:.6f} ({least['layer']}, step "
+            f"{least['step']}). Solves of the float32 copy that ran in float64: "
+            + (", ".join(f"{layer} ({n} of {len(steps)} checkpoints)" for layer, n in in64.items()) or "none")
+            + ".")
 
     gap = max(checks[key] for key in CHECKS)
     if gap < 1e-6:
@@ -496,7 +506,7 @@ def _nan_low(value: float) -> float:
 CSV_COLUMNS = (["step", "layer", "kind", "cosine", "norm_ratio", "m_exact", "m_approx", "m_ratio", "cos_bp_exact",
                 "rel_bp", "rel_exact", "rel_approx", "amplification", "den_max_mean", "den_std_mean", "s",
                 "r_approx", "gram_scale", "gram_offdiag", "condition", "bn_var_ratio", "bn_var_spread",
-                "f32_cosine", "f32_rel_diff", "train_loss", "eval_loss"]
+                "f32_cosine", "f32_rel_diff", "f32_solve_dtype", "train_loss", "eval_loss"]
                + [f"{key}_{what}" for key in ablation_settings() for what in ("cos", "ratio")])
 
 
@@ -522,6 +532,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the evaluation copies (the exact solves run in it)")
     parser.add_argument("--no-float32-check", action="store_true",
                         help="skip the float32-vs-eval-dtype comparison of the exact gradients")
+    parser.add_argument("--float32-solve-dtype", default="auto", choices=["auto", "float32", "float64"],
+                        help="attach(solve_dtype=...) of the float32 copy: auto (the default, None), float32 or "
+                             "float64")
     add_options(parser, "--seed", "--device", "--threads")
     parser.add_argument("--out", default="compare_out",
                         help="output folder; written only when the run ends, all files at once")
@@ -624,7 +637,8 @@ def _measure(args: argparse.Namespace, dataset: data.Dataset):
                 tick = time.perf_counter()
                 f32 = None if args.no_float32_check else copy_of_model(torch.float32)
                 step_rows, checks = evaluate(copy_of_model(eval_dtype), x_eval, y_eval, args.damping,
-                                             args.signal_damping, float32_model=f32)
+                                             args.signal_damping, float32_model=f32,
+                                             float32_solve_dtype=getattr(torch, args.float32_solve_dtype, None))
                 for row in step_rows:
                     row.update(step=step, train_loss=train_loss, eval_loss=checks["loss"])
                 rows += step_rows
