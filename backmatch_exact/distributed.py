@@ -26,7 +26,7 @@ sample) except at BatchNorm: a plain BatchNorm normalizes with its rank's own
 batch statistics (as DistributedDataParallel does) and its back-matching rule
 uses the same local σ; a ``SyncBatchNorm`` normalizes with the global batch
 statistics and its rule all-reduces the per-channel sums so σ is global too
-(``layers/batchnorm.py``), which makes the whole step equal the single-process
+(``layers/normalization.py``), which makes the whole step equal the single-process
 one. Approx mode needs no communication at all: its factors come from the
 weights and shapes, which are the same on every rank, and its scaling is linear.
 

@@ -227,3 +227,45 @@ def grouped_conv_weight_oracle(module: nn.Conv2d, x: torch.Tensor, R, damping: f
                 sub.bias.copy_(module.bias[k * cout:(k + 1) * cout])
         parts.append(weight_oracle(sub, x[:, k * cin:(k + 1) * cin], r[:, k * cout:(k + 1) * cout], damping))
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def normalization_oracle(module: nn.Module, x: torch.Tensor, R, weight_decay: float = 0.0) -> dict[str, np.ndarray]:
+    """GroupNorm / LayerNorm, from their definitions: g'_a = R·σ/γ (the Jacobian's diagonal γ/σ with the per-sample
+    statistics held fixed); each element of γ (and β) the least squares of ``b = γ x̂ + β`` over every sample and
+    location it is shared by, as :func:`batchnorm_oracle` does per channel."""
+    a, r = to_np(x), to_np(R)
+    if isinstance(module, nn.GroupNorm):
+        grouped = a.reshape(a.shape[0], module.num_groups, -1)
+        mean = np.broadcast_to(grouped.mean(-1, keepdims=True), grouped.shape).reshape(a.shape)
+        var = np.broadcast_to(grouped.var(-1, keepdims=True), grouped.shape).reshape(a.shape)
+        param_axes = (1,)  # γ per channel
+    else:  # LayerNorm over the trailing normalized_shape
+        k = len(module.normalized_shape)
+        axes = tuple(range(a.ndim - k, a.ndim))
+        mean, var = a.mean(axis=axes, keepdims=True), a.var(axis=axes, keepdims=True)
+        param_axes = axes
+    sigma = np.sqrt(var + module.eps)
+    x_hat = (a - mean) / sigma
+    gamma = (np.ones(()) if module.weight is None else
+             to_np(module.weight).reshape([a.shape[i] if i in param_axes else 1 for i in range(a.ndim)]))
+    out = {"input": np.where(gamma != 0, r * sigma / np.where(gamma != 0, gamma, 1.0), 0.0)}
+    if module.weight is None:
+        return out
+    b = a.shape[0]
+    shared = [i for i in range(a.ndim) if i not in param_axes]  # samples first, then locations
+    order = list(param_axes) + shared
+    xs = np.transpose(x_hat, order).reshape(int(np.prod([a.shape[i] for i in param_axes])), -1)
+    rs = np.transpose(r, order).reshape(xs.shape)
+    w = to_np(module.weight).reshape(-1)
+    bias = to_np(module.bias).reshape(-1) if module.bias is not None else None
+    solved = []
+    for k in range(xs.shape[0]):
+        rows = np.stack([xs[k], np.ones_like(xs[k])], axis=1) if bias is not None else xs[k][:, None]
+        theta = np.array([w[k], bias[k]]) if bias is not None else np.array([w[k]])
+        g = rows.T @ rs[k] + weight_decay * theta
+        solved.append(g @ np.linalg.pinv(rows.T @ rows / b, rcond=1e-10, hermitian=True))
+    solved = np.array(solved)
+    out["weight"] = solved[:, 0].reshape(tuple(module.weight.shape))
+    if bias is not None:
+        out["bias"] = solved[:, 1].reshape(tuple(module.bias.shape))
+    return out

@@ -434,6 +434,29 @@ def test_batchnorm_eval_gram_averaged_over_shards_is_the_whole_batch_answer(kind
                   {k: expected[k] for k in ("weight", "bias")})
 
 
+@SETTINGS
+@given(kind=st.sampled_from(["group", "group-depth", "layer-features", "layer-image"]), affine=st.booleans(),
+       bias=st.booleans(), batch=st.integers(1, 4), mu=mus, weight_decay=st.sampled_from([0.0, 0.3]), seed=seeds)
+def test_group_and_layer_norm_signal_and_affine(kind, affine, bias, batch, mu, weight_decay, seed):
+    """BatchNorm's diagonal rule with per-sample statistics; γ, β by the full 2x2 least squares per element."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind.startswith("group"):
+        channels = 6
+        layer = nn.GroupNorm(2 if kind == "group" else 6, channels, affine=affine)
+        x = randn(gen, batch, channels, 3, 4) * 2 + 1
+    else:
+        shape = (5,) if kind == "layer-features" else (3, 4)
+        layer = nn.LayerNorm(shape, elementwise_affine=affine, bias=bias)
+        x = randn(gen, batch, 2, *shape) * 2 + 1  # (a leading dim of positions, which share γ)
+    layer = randomize(layer, gen)
+    with torch.no_grad():
+        R = randn(gen, *layer(x).shape)
+    g_a, grads, _, _ = run(layer, x, R, signal_damping=mu, weight_decay=weight_decay)
+    expected = oracle.normalization_oracle(layer, x, R, weight_decay)
+    assert_close(g_a, expected["input"], what="g'_a")
+    check_weights(layer, grads, {k: v for k, v in expected.items() if k != "input"})
+
+
 # ------------------------------------------------------------------ damping
 
 @SETTINGS

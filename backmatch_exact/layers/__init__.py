@@ -5,7 +5,7 @@ from torch import nn
 from ..errors import UnsupportedModuleError
 from .activation import DropoutRule, LeakyReLURule, ReLURule
 from .base import LayerRule, WeightRule
-from .batchnorm import BatchNormRule
+from .normalization import BatchNormRule, GroupNormRule, LayerNormRule
 from .conv import Conv2dRule
 from .linear import LinearRule
 from .passthrough import PassThroughRule
@@ -16,7 +16,9 @@ RULES: dict[type, LayerRule] = {
     nn.Conv2d: Conv2dRule(),
     nn.BatchNorm1d: BatchNormRule(),
     nn.BatchNorm2d: BatchNormRule(),
-    nn.SyncBatchNorm: BatchNormRule(),  # σ is the global batch's when it syncs (layers/batchnorm.py)
+    nn.SyncBatchNorm: BatchNormRule(),  # σ is the global batch's when it syncs (layers/normalization.py)
+    nn.GroupNorm: GroupNormRule(),
+    nn.LayerNorm: LayerNormRule(),
     nn.ReLU: ReLURule(),
     nn.LeakyReLU: LeakyReLURule(),
     nn.Dropout: DropoutRule(),

@@ -42,7 +42,6 @@ from .. import data
 from ..approx import ALGORITHM1, DESCRIPTIONS, Approximations
 from ..layers import rule_for
 from ..layers.base import mean_sq_row_norm
-from ..layers.batchnorm import batch_std
 from .common import (
     MODELS,
     OPTIMIZERS,
@@ -267,7 +266,7 @@ def _layer_row(calls: list, index: int, passes: dict[str, EnginePass], ablations
     row["bn_var_ratio"] = row["bn_var_spread"] = float("nan")
     bn = _batchnorm_after(calls, index)
     if bn is not None:
-        var = batch_std(bn[1], bn[2]).double() ** 2
+        var = (rule_for(bn[1], bn[0]).std(bn[1], bn[2]).double() ** 2).reshape(-1)  # (BatchNorm: one per channel)
         row["bn_var_ratio"] = float(var.mean()) / mean_sq_row_norm(module.weight)
         row["bn_var_spread"] = float(var.std(unbiased=False) / var.mean())
     row["f32_cosine"] = row["f32_rel_diff"] = float("nan")
