@@ -34,6 +34,7 @@ per-channel sums (count-weighted, as the layer does).
 """
 
 import math
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -62,25 +63,20 @@ def _sync_group(module) -> "dist.ProcessGroup | None":
     return group if dist.get_world_size(group) > 1 else None
 
 
-def _batch_mean(module, a: torch.Tensor) -> torch.Tensor:
-    """Per-channel batch mean; for a syncing SyncBatchNorm, over every rank's batch (one small all-reduce)."""
+def _batch_moments(module, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch mean and biased variance, in one pass; for a syncing SyncBatchNorm the global batch's
+    (two small all-reduces, count-weighted as the layer does)."""
     dims, group = _reduce_dims(a), _sync_group(module)
     if group is None:
-        return a.mean(dim=dims)
-    sums = torch.cat([a.sum(dim=dims), a.new_tensor([a.numel() // a.shape[1]])])
+        var, mean = torch.var_mean(a, dim=dims, unbiased=False)
+        return mean, var
+    count = a.new_tensor([a.numel() // a.shape[1]])
+    sums = torch.cat([a.sum(dim=dims), count])
     dist.all_reduce(sums, group=group)
-    return sums[:-1] / sums[-1]
-
-
-def _batch_var(module, a: torch.Tensor) -> torch.Tensor:
-    """Per-channel biased batch variance; for a syncing SyncBatchNorm, the global one (two small all-reduces)."""
-    dims, group = _reduce_dims(a), _sync_group(module)
-    if group is None:
-        return a.var(dim=dims, unbiased=False)
-    squares = ((a - _channel_view(_batch_mean(module, a), a)) ** 2).sum(dim=dims)
-    squares = torch.cat([squares, a.new_tensor([a.numel() // a.shape[1]])])
+    mean = sums[:-1] / sums[-1]
+    squares = torch.cat([((a - _channel_view(mean, a)) ** 2).sum(dim=dims), count])
     dist.all_reduce(squares, group=group)
-    return squares[:-1] / squares[-1]
+    return mean, squares[:-1] / squares[-1]
 
 
 class NormalizationRule(LayerRule):
@@ -89,9 +85,23 @@ class NormalizationRule(LayerRule):
     needs_output_signal = True
     normalizes = True
 
-    # ---------------------------------------------------------------- what differs
+    _last = None  # (input, its version, module, statistics): the last call's, which its next questions reuse
+
     def statistics(self, module, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, σ) as the layer normalized ``a`` with, each broadcastable against ``a``."""
+        """(mean, σ) as the layer normalized ``a`` with, each broadcastable against ``a``.
+
+        Computed once per input: a call's numerator, denominator and γ, β solve ask in turn (one reduction
+        over the input each time otherwise, a third of BatchNorm's share of an exact step).
+        """
+        last = self._last
+        if last is not None and last[0]() is a and last[1] == a._version and last[2] is module:
+            return last[3]
+        result = self._statistics(module, a.detach())
+        self._last = (weakref.ref(a), a._version, module, result)
+        return result
+
+    # ---------------------------------------------------------------- what differs
+    def _statistics(self, module, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def parameter_view(self, module, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -109,13 +119,12 @@ class NormalizationRule(LayerRule):
     # ---------------------------------------------------------------- shared
     def std(self, module, a: torch.Tensor) -> torch.Tensor:
         """σ, broadcastable against ``a``."""
-        return self.statistics(module, a.detach())[1]
+        return self.statistics(module, a)[1]
 
     def normalized(self, module, a: torch.Tensor) -> torch.Tensor:
         """x̂ = (a - mean) / σ, as the layer computed it."""
-        a = a.detach()
         mean, sigma = self.statistics(module, a)
-        return (a - mean) / sigma
+        return (a.detach() - mean) / sigma
 
     def _gain(self, module, a) -> torch.Tensor:
         """γ/σ (1/σ without affine), broadcastable against ``a``: the diagonal of the layer's Jacobian."""
@@ -204,11 +213,11 @@ class NormalizationRule(LayerRule):
 class BatchNormRule(NormalizationRule):
     """BatchNorm1d/2d and SyncBatchNorm: per channel, over the batch and the locations."""
 
-    def statistics(self, module, a):
-        a = a.detach()
-        uses_batch_stats = module.training or module.running_mean is None
-        mean = _batch_mean(module, a) if uses_batch_stats else module.running_mean
-        var = _batch_var(module, a) if uses_batch_stats else module.running_var
+    def _statistics(self, module, a):
+        if module.training or module.running_mean is None:
+            mean, var = _batch_moments(module, a)
+        else:
+            mean, var = module.running_mean, module.running_var
         return _channel_view(mean, a), _channel_view(torch.sqrt(var + module.eps), a)
 
     def parameter_view(self, module, a, t):
@@ -224,12 +233,12 @@ class BatchNormRule(NormalizationRule):
 class GroupNormRule(NormalizationRule):
     """GroupNorm: per sample, over its group of channels and the locations; γ, β per channel."""
 
-    def statistics(self, module, a):
-        a = a.detach()
-        grouped = a.reshape(a.shape[0], module.num_groups, -1)
-        mean = grouped.mean(-1, keepdim=True)
-        sigma = torch.sqrt(grouped.var(-1, unbiased=False, keepdim=True) + module.eps)
-        return mean.expand_as(grouped).reshape(a.shape), sigma.expand_as(grouped).reshape(a.shape)
+    def _statistics(self, module, a):
+        var, mean = torch.var_mean(a.reshape(a.shape[0], module.num_groups, -1), dim=-1, unbiased=False)
+        per_channel = a.shape[1] // module.num_groups  # (each group's statistics for each of its channels)
+        shape = a.shape[:2] + (1,) * (a.dim() - 2)
+        return (mean.repeat_interleave(per_channel, dim=1).reshape(shape),
+                torch.sqrt(var + module.eps).repeat_interleave(per_channel, dim=1).reshape(shape))
 
     def parameter_view(self, module, a, t):
         return _channel_view(t, a)
@@ -241,11 +250,10 @@ class GroupNormRule(NormalizationRule):
 class LayerNormRule(NormalizationRule):
     """LayerNorm: per sample (and leading position), over ``normalized_shape``; γ, β per element of it."""
 
-    def statistics(self, module, a):
-        a = a.detach()
+    def _statistics(self, module, a):
         dims = list(range(a.dim() - len(module.normalized_shape), a.dim()))
-        mean = a.mean(dims, keepdim=True)
-        return mean, torch.sqrt(a.var(dims, unbiased=False, keepdim=True) + module.eps)
+        var, mean = torch.var_mean(a, dim=dims, unbiased=False, keepdim=True)
+        return mean, torch.sqrt(var + module.eps)
 
     def parameter_view(self, module, a, t):
         return t.reshape((1,) * (a.dim() - t.dim()) + tuple(t.shape))
