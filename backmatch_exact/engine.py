@@ -32,11 +32,11 @@ import math
 import torch
 from torch import nn
 
-from . import distributed, weights
+from . import distributed, joint, weights
 from .approx import ApproxFactors, ApproxPlan, Approximations, may_scale
 from .errors import BackMatchError, GraphError, NonFiniteError, UnsupportedModuleError
 from .layers import LayerRule, rule_for
-from .layers.base import signal_amplification
+from .layers.base import signal_amplification, solves_jointly
 from .timing import Timing
 
 MODES = ("bp", "exact", "exact_weights", "approx")
@@ -127,7 +127,9 @@ class Engine:
 
     def __init__(self, model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_damping: float = 0.0,
                  damping_scale: str = "relative", weight_decay: float = 0.0, solve_method: str = "auto",
-                 process_group=None, approximations=None, backend: str = "fast"):
+                 process_group=None, approximations=None, backend: str = "fast", signals: str = "per_unit",
+                 joint_solver: str = "auto", joint_tol: float | None = None, joint_max_iter: int = 500,
+                 on_no_convergence: str = "raise"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for name, value in (("damping", damping), ("signal_damping", signal_damping),
@@ -145,6 +147,12 @@ class Engine:
         if self._switched and mode != "exact":
             raise ValueError(f"approximations are switches of mode='exact' (mode='approx' makes all of them), "
                              f"not of mode={mode!r}")
+        self.joint = joint.settings(signals, joint_solver, joint_tol, joint_max_iter, on_no_convergence)
+        if self.joint is not None and (mode != "exact" or self._switched):
+            raise ValueError(f"signals='joint' is a rule for the back-matched signals of mode='exact' without "
+                             f"approximations; mode={mode!r}"
+                             + (" sends no back-matched signal" if mode != "exact" else " has approximations"))
+        self.signals = signals
         # torch.distributed (distributed.py): a DDP model is unwrapped to its .module; None when nothing is exchanged
         model, self.distributed = distributed.setup(model, mode, process_group)
         self.model = model
@@ -200,7 +208,8 @@ class Engine:
             rule = layer.rule
             layer.input_tap = rule.changes_signal and (
                 self.mode == "exact" or self.mode == "approx" and may_scale(rule))
-            layer.output_tap = exact and (rule.has_weights or rule.needs_output_signal)
+            layer.output_tap = exact and (rule.has_weights or rule.needs_output_signal or (
+                self.joint is not None and solves_jointly(rule)))  # the joint solve reads g'_b
             layer.check_input = self.mode != "approx" and (rule.has_weights or rule.needs_output_signal)
         hooks = self._handles
         hooks.append(self.model.register_forward_pre_hook(self._model_begin))
@@ -441,6 +450,10 @@ class Engine:
             ratio = call.approx.ratio
             return grad if ratio == 1.0 else grad / ratio  # g'_a ≈ g_a / r
         rule, module, a = layer.rule, layer.module, call.input.detach()
+        if self.joint is not None and solves_jointly(rule):
+            result = self._joint_signal(call, grad)  # (timed as signal_gram / signal)
+            self._check_finite(result, "back-matched input signal", layer)
+            return result
         with self.timing.part(layer.path, "input_signal"):
             if self._switched:
                 result = rule.approx_signal(module, a, grad, call.grad_output, self.signal_damping,
@@ -448,6 +461,22 @@ class Engine:
             else:
                 result = rule.signal(module, a, grad, call.grad_output, self.signal_damping)
             self._check_finite(result, "back-matched input signal", layer)
+        return result
+
+    def _joint_signal(self, call: _Call, grad: torch.Tensor) -> torch.Tensor:
+        """``(JᵀJ + λI)⁺ Jᵀ g'_b`` (``joint.solve``); its statistics join the layer's row of ``stats()``."""
+        layer = call.layer
+        operator = layer.rule.input_operator(layer.module, call.input.detach())
+        try:
+            result, info = joint.solve([(operator, call.grad_output)], grad, self.signal_damping, self.joint,
+                                       layer.path, self.timing)
+        except BackMatchError as exc:
+            if self.distributed is None:
+                raise
+            self.distributed.record_bad(layer.path, "joint input signal", exc)  # no rank raises alone
+            return torch.zeros_like(grad)
+        row = self._stats.setdefault(layer.path, {"layer": layer.path, "kind": type(layer.module).__name__})
+        row.update(info.row())
         return result
 
     def _param_grad(self, layer: _Layer, name: str, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -510,11 +539,24 @@ class Engine:
         ``layer``, ``kind``, ``m`` (backward factor at the output), ``s``
         (sharing factor), ``c`` (conv factor), ``r`` (ratio g_a / g'_a) and
         ``scale`` = 1/(m·s), the factor applied to the weight gradient.
+
+        ``signals="joint"``: every weight layer's row, and a row of its own for each
+        average pooling layer, add the joint signal solve (``joint.SignalInfo``):
+        ``signal_path`` (cholesky / eigh / dual-cholesky / dual-eigh: dense;
+        iterative; none: no signal was asked for, as below the first weight layer),
+        ``signal_rank`` (dense), ``signal_iterations`` (iterative),
+        ``signal_residual`` (largest relative residual of the normal equations over
+        the samples), ``signal_condition`` (dense: of the Jacobi-scaled matrix it
+        factored), ``signal_converged`` and ``signal_fallback``.
         """
         if self._approx_step is not None:
             self._approx_stats()
             self._approx_step = None
         rows = [self._stats[layer.path] for layer in self.layers if layer.path in self._stats]
+        if self.joint is not None:
+            for row in rows:
+                for key, value in joint.NO_SIGNAL.items():
+                    row.setdefault(key, value)
         for row in rows:  # some values are 0-d tensors or deferred until read: read them here, once
             for key, value in row.items():
                 if isinstance(value, _Deferred):
@@ -530,7 +572,9 @@ class _Skipped(Exception):
 
 def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_damping: float = 0.0,
            damping_scale: str = "relative", weight_decay: float = 0.0, solve_method: str = "auto",
-           process_group=None, approximations=None, backend: str = "fast") -> Engine:
+           process_group=None, approximations=None, backend: str = "fast", signals: str = "per_unit",
+           joint_solver: str = "auto", joint_tol: float | None = None, joint_max_iter: int = 500,
+           on_no_convergence: str = "raise") -> Engine:
     """Make ``loss.backward()`` on ``model`` compute back-matching propagation.
 
     mode: ``"bp"`` (hooks attached, values unchanged), ``"exact"`` (back-matched
@@ -547,6 +591,15 @@ def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_d
     or ``"all"``, which equals ``mode="approx"`` without weight decay); the rest of
     the step stays exact. backend: ``"fast"`` (default) or ``"reference"``, the
     plain im2col rows and ``g_W = Sᵀ A`` that every fast path is tested against.
+    signals: ``"per_unit"`` (default: each input unit matches the change on its own,
+    eq. 11–12/22) or ``"joint"`` (``mode="exact"`` only: all of a layer's input units
+    at once, ``(JᵀJ + μ·mean_j ‖J_{:,j}‖²·I)⁺ Jᵀ g'_b`` per sample, see ``joint.py``).
+    joint_solver: ``"auto"`` (dense up to ``joint.DENSE_MAX`` rows, else iterative),
+    ``"dense"`` or ``"iterative"`` (preconditioned CGLS). joint_tol: the iterative
+    solve's tolerance on the relative residual of the normal equations (None: 1e-5
+    for float32 solves, 1e-10 for float64); joint_max_iter: its iteration cap;
+    on_no_convergence: ``"raise"`` (:class:`SolveError`) or ``"record"`` (keep the
+    last iterate, ``signal_converged=False`` in ``stats()``).
     process_group: data parallelism over torch.distributed (``distributed.py``). A
     ``DistributedDataParallel`` model is unwrapped (hooks on ``model.module``,
     ``engine.model`` is that module) and exchanges over ``model.process_group``
@@ -560,4 +613,4 @@ def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_d
     Returns the :class:`Engine`; ``engine.detach()`` (or leaving a ``with`` block) removes it.
     """
     return Engine(model, mode, damping, signal_damping, damping_scale, weight_decay, solve_method, process_group,
-                  approximations, backend)
+                  approximations, backend, signals, joint_solver, joint_tol, joint_max_iter, on_no_convergence)
