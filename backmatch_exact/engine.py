@@ -476,7 +476,7 @@ class Engine:
             self.distributed.record_bad(layer.path, "joint input signal", exc)  # no rank raises alone
             return torch.zeros_like(grad)
         row = self._stats.setdefault(layer.path, {"layer": layer.path, "kind": type(layer.module).__name__})
-        row.update(info.row())
+        row.update((key, _Deferred(value) if callable(value) else value) for key, value in info.row().items())
         return result
 
     def _param_grad(self, layer: _Layer, name: str, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,7 @@ in the statistics.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -90,7 +91,8 @@ _REFRESH = 50
 class InputOperator:
     """The Jacobian J of one layer call w.r.t. its input, the same for every sample.
 
-    Vectors are rows: ``rows(t)`` lays a tensor shaped like the layer's input out as
+    A snapshot: later in-place updates of the layer's parameters (an optimizer step) do not change it, so
+    statistics read after the step still describe the solve. Vectors are rows: ``rows(t)`` lays a tensor shaped like the layer's input out as
     (S, size), one row per sample (a Linear's leading positions and a pooling
     layer's channels are samples of their own: J is block diagonal over them);
     ``out_rows`` does the same for the output. Subclasses set ``size`` (n),
@@ -161,7 +163,9 @@ class SignalInfo:
     path: str  # "cholesky" | "eigh" | "dual-cholesky" | "dual-eigh" (dense) | "iterative" | "none"
     rank: float = math.nan  # dense: numerical rank of the factored matrix
     iterations: int = 0  # iterative: CGLS iterations run (the slowest sample's)
-    residual: torch.Tensor | float = math.nan  # largest relative residual of the normal equations over samples
+    #: largest relative residual of the normal equations over the samples; for a dense solve a function that
+    #: computes it (the engine's stats() calls it when read: its answer is not needed for the step)
+    residual: torch.Tensor | float | functools.partial = math.nan
     condition: float = math.nan  # dense: condition estimate of the factored (Jacobi-scaled) matrix
     converged: bool = True
     fallback: str = ""  # dense: a factorization retried (solver.factor_solve)
@@ -217,8 +221,7 @@ def solve(consumers: list[tuple[InputOperator, torch.Tensor]], numerator: torch.
         x, info = _dense_dual(operators[0], signals[0], lam, dtype, layer, timing)
     else:
         x, info = _dense(operators, rhs, lam, diagonal, dtype, layer, timing)
-    with timing.part(layer, "signal"):
-        info.residual = _relative_residuals(operators, signals, rhs, x, lam)[0].max()
+    info.residual = functools.partial(_largest_residual, operators, signals, rhs, x.clone(), lam)
     return x.reshape(numerator.shape).to(numerator.dtype), info
 
 
@@ -282,6 +285,10 @@ def _dense_dual(operator, signal, lam, dtype, layer, timing):
         info.path = "dual-" + info.path
         x = operator.rmatvec(z)
     return x, info
+
+
+def _largest_residual(operators, signals, rhs, x, lam) -> float:
+    return float(_relative_residuals(operators, signals, rhs, x, lam)[0].max())
 
 
 def _relative_residuals(operators, signals, rhs, x, lam):

@@ -401,6 +401,22 @@ def test_a_solve_that_misses_its_tolerance_raises_or_is_recorded():
     assert 0 < np.abs(g_a.numpy() - exact).max() / np.abs(exact).max() < 1  # an iterate on its way, not the answer
 
 
+def test_statistics_read_after_the_optimizer_step_describe_the_solve():
+    """The dense residual is computed when stats() reads it, from a snapshot of the call's J: an optimizer step
+    in between (which moves the weights in place) does not change it."""
+    torch.manual_seed(0)
+    model = bm.models.lenet_bn(1, 10).to(DT)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    x, y = torch.randn(4, 1, 32, 32, dtype=DT), torch.randint(0, 10, (4,))
+    with bm.attach(model, mode="exact", signals="joint") as engine:
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        rows = engine.stats()
+    assert [r["signal_path"] for r in rows] == ["none", "cholesky", "dual-cholesky", "dual-cholesky", "dual-cholesky"]
+    assert all(isinstance(r["signal_residual"], float) for r in rows)
+    assert all(r["signal_residual"] < 1e-12 for r in rows[1:]), rows
+
+
 def test_float32_paths_agree_with_float64():
     """The automatic float32 tolerance (1e-5) is reached, and dense and iterative answers are float32-close."""
     torch.manual_seed(0)

@@ -182,7 +182,7 @@ class ConvInput(InputOperator):
     """J of one sample's whole input map (C_in·H·W units) to its output map: the convolution without bias."""
 
     def __init__(self, module: nn.Conv2d, in_shape: tuple, col_sq: torch.Tensor):
-        self.weight, self.in_shape, self.col_sq = module.weight.detach(), in_shape, col_sq.reshape(-1)
+        self.weight, self.in_shape, self.col_sq = module.weight.detach().clone(), in_shape, col_sq.reshape(-1)
         self.stride, self.padding, self.dilation = tuple(module.stride), _int_padding(module), tuple(module.dilation)
         self.out_shape = (module.out_channels, *_output_size(module, *in_shape[1:]))
         self.size, self.out_size = math.prod(in_shape), math.prod(self.out_shape)

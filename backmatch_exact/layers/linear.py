@@ -22,7 +22,7 @@ class LinearRule(WeightRule):
         return (module.weight.detach() ** 2).sum(dim=0)  # eq. 12: w_jᵀ w_j
 
     def input_operator(self, module: nn.Linear, a: torch.Tensor) -> "LinearInput":
-        return LinearInput(module.weight.detach(), self.column_sq_norms(module, a))
+        return LinearInput(module.weight.detach().clone(), self.column_sq_norms(module, a))
 
     def input_rows(self, module: nn.Linear, a: torch.Tensor) -> torch.Tensor:
         rows = a.reshape(-1, module.in_features)
