@@ -196,70 +196,75 @@ def solve(consumers: list[tuple[InputOperator, torch.Tensor]], numerator: torch.
     dtype = solver.solve_dtype(numerator.dtype)
     rhs = operators[0].rows(numerator).to(dtype)
     signals = [op.out_rows(g).to(dtype) for op, g in consumers]
-    col_sq = sum(op.col_sq.to(dtype).reshape(-1) for op in operators)
     lam = signal_damping * sum(float(op.col_sq.to(dtype).mean()) for op in operators if op.damped)
-    diagonal = col_sq + lam
     dual = len(consumers) == 1 and operators[0].out_size < size and _offers_dual(operators[0])
     factored = operators[0].out_size if dual else size
     method = settings.solver if settings.solver != "auto" else "dense" if factored <= DENSE_MAX else "iterative"
     if method == "iterative":
-        tol = settings.tol if settings.tol is not None else DEFAULT_TOL[dtype]
-        unique = lam > 0 or sum(op.out_size for op in operators) >= size  # see the module docstring
-        read = diagonal > 0
-        precondition = torch.where(read, diagonal.clamp_min(torch.finfo(dtype).tiny).rsqrt() if unique else 1.0, 0.0)
         with timing.part(layer, "signal"):
-            x, info = _cgls(operators, signals, rhs, lam, precondition, tol, settings.max_iter)
-        if not info.converged and settings.on_no_convergence == "raise":
-            raise SolveError(
-                f"layer {layer}: the iterative joint signal solve (CGLS) did not reach tolerance {tol:.3g} in "
-                f"{info.iterations} iterations: largest relative residual of the normal equations "
-                f"{float(info.residual):.3g}. Raise joint_max_iter, add signal_damping, use joint_solver='dense', "
-                "or on_no_convergence='record' to keep the last iterate"
-            )
+            x, info = _iterative(operators, signals, rhs, lam, settings, layer)
         return x.reshape(numerator.shape).to(numerator.dtype), info
     if dual:
         x, info = _dense_dual(operators[0], signals[0], lam, dtype, layer, timing)
     else:
-        x, info = _dense(operators, rhs, lam, diagonal, dtype, layer, timing)
+        x, info = _dense(operators, rhs, lam, dtype, layer, timing)
     info.residual = functools.partial(_largest_residual, operators, signals, rhs, x.clone(), lam)
     return x.reshape(numerator.shape).to(numerator.dtype), info
 
 
-def _scaled_factor_solve(matrix: torch.Tensor, rhs: torch.Tensor, diagonal: torch.Tensor, layer: str):
-    """``rhs · matrix⁺`` through the Jacobi-scaled matrix (``diagonal`` > 0: matrix's own diagonal; ``matrix``
-    is scaled in place).
+def _iterative(operators, signals, rhs, lam, settings: Settings, layer: str):
+    """CGLS to the settings' tolerance, preconditioned where the least-squares answer is unique (module
+    docstring); a miss raises :class:`SolveError` unless it is to be recorded."""
+    dtype = rhs.dtype
+    tol = settings.tol if settings.tol is not None else DEFAULT_TOL[dtype]
+    diagonal = sum(op.col_sq.to(dtype).reshape(-1) for op in operators) + lam
+    unique = lam > 0 or sum(op.out_size for op in operators) >= rhs.shape[1]
+    scale = diagonal.clamp_min(torch.finfo(dtype).tiny).rsqrt() if unique else 1.0
+    x, info = _cgls(operators, signals, rhs, lam, torch.where(diagonal > 0, scale, 0.0), tol, settings.max_iter)
+    if not info.converged and settings.on_no_convergence == "raise":
+        raise SolveError(
+            f"layer {layer}: the iterative joint signal solve (CGLS) did not reach tolerance {tol:.3g} in "
+            f"{info.iterations} iterations: largest relative residual of the normal equations "
+            f"{float(info.residual):.3g}. Raise joint_max_iter, add signal_damping, use joint_solver='dense', "
+            "or on_no_convergence='record' to keep the last iterate"
+        )
+    return x, info
 
-    When the scaled factorization cuts a rank the answer would be the minimum of a
-    scaled norm, so the unscaled matrix is factored instead (the minimum-norm answer).
-    """
+
+def _solve_read(matrix: torch.Tensor, rhs: torch.Tensor, layer: str):
+    """``rhs · matrix⁺`` for a fresh PSD ``matrix`` (scaled in place): the units with an empty row and column
+    (read by no output) are left out and get 0, their minimum-norm value; the rest is Jacobi-scaled by its
+    diagonal. When the scaled factorization cuts a rank the answer would be the minimum of a scaled norm, so
+    the unscaled matrix is factored instead (the minimum-norm answer)."""
+    diagonal = torch.diagonal(matrix).clone()
+    keep = diagonal > 0
+    whole = bool(keep.all())
+    if not whole:
+        index = keep.nonzero().squeeze(1)
+        matrix, rhs, diagonal = matrix[index][:, index], rhs[:, index], diagonal[index]
     scale = diagonal.rsqrt()
     matrix.mul_(scale[:, None]).mul_(scale[None, :])
     x, path, rank, condition, fallback = solver.factor_solve(matrix, rhs * scale, layer)
     if rank < matrix.shape[0]:
         matrix.div_(scale[:, None]).div_(scale[None, :])
         x, path, rank, condition, fallback = solver.factor_solve(matrix, rhs, layer)
-        return x, SignalInfo(path, rank, 0, math.nan, condition, True, fallback)
-    return x * scale, SignalInfo(path, rank, 0, math.nan, condition, True, fallback)
+    else:
+        x = x * scale
+    if not whole:
+        x = x.new_zeros(x.shape[0], keep.numel()).index_copy_(1, index, x)
+    return x, SignalInfo(path, rank, 0, math.nan, condition, True, fallback)
 
 
-def _dense(operators, rhs, lam, diagonal, dtype, layer, timing):
+def _dense(operators, rhs, lam, dtype, layer, timing):
     """The primal dense path: ``(Σ JᵀJ + λI)`` factored once, every sample's ``Σ Jᵀ g`` a right-hand side."""
-    keep = diagonal > 0
     with timing.part(layer, "signal_gram"):
         matrix = operators[0].gram(dtype)
         for op in operators[1:]:
             matrix += op.gram(dtype)
         if lam:
             matrix.diagonal().add_(lam)
-        whole = bool(keep.all())
-        if not whole:  # units no output reads: 0, the minimum-norm value; solve for the others
-            index = keep.nonzero().squeeze(1)
-            matrix, rhs, diagonal = matrix[index][:, index], rhs[:, index], diagonal[index]
     with timing.part(layer, "signal"):
-        x, info = _scaled_factor_solve(matrix, rhs, diagonal, layer)
-        if not whole:
-            x = x.new_zeros(x.shape[0], keep.numel()).index_copy_(1, index, x)
-    return x, info
+        return _solve_read(matrix, rhs, layer)
 
 
 def _offers_dual(operator: InputOperator) -> bool:
@@ -267,24 +272,15 @@ def _offers_dual(operator: InputOperator) -> bool:
 
 
 def _dense_dual(operator, signal, lam, dtype, layer, timing):
-    """The dual dense path ``Jᵀ (JJᵀ + λI)⁺ g'_b``."""
+    """The dual dense path ``Jᵀ (JJᵀ + λI)⁺ g'_b`` (an output that reads nothing has an empty row of J)."""
     with timing.part(layer, "signal_gram"):
         matrix = operator.dual_gram(dtype)
         if lam:
             matrix.diagonal().add_(lam)
-        diagonal = torch.diagonal(matrix).clone()
-        keep = diagonal > 0  # an output that reads nothing: its row of J is 0
-        whole = bool(keep.all())
-        if not whole:
-            index = keep.nonzero().squeeze(1)
-            matrix, signal, diagonal = matrix[index][:, index], signal[:, index], diagonal[index]
     with timing.part(layer, "signal"):
-        z, info = _scaled_factor_solve(matrix, signal, diagonal, layer)
-        if not whole:
-            z = z.new_zeros(z.shape[0], keep.numel()).index_copy_(1, index, z)
+        z, info = _solve_read(matrix, signal, layer)
         info.path = "dual-" + info.path
-        x = operator.rmatvec(z)
-    return x, info
+        return operator.rmatvec(z), info
 
 
 def _largest_residual(operators, signals, rhs, x, lam) -> float:

@@ -26,8 +26,10 @@ from backmatch_exact import joint
 
 try:
     from tests import oracle
+    from tests.test_layer_rules import assert_close, randn, randomize
 except ImportError:  # pytest's rootdir/tests on sys.path
     import oracle
+    from test_layer_rules import assert_close, randn, randomize
 
 DT = torch.float64
 RTOL = 1e-8
@@ -72,18 +74,6 @@ def signal_oracle(layer: nn.Module, x: torch.Tensor, R, mu: float = 0.0) -> np.n
 
 # ------------------------------------------------------------------ helpers
 
-def randn(gen, *shape):
-    return torch.randn(*shape, generator=gen, dtype=DT)
-
-
-def randomize(module: nn.Module, gen) -> nn.Module:
-    module = module.to(DT)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(randn(gen, *p.shape))
-    return module
-
-
 def run(layer: nn.Module, x: torch.Tensor, R: torch.Tensor, **kw):
     """``nn.Sequential(layer)`` with the joint rule, the output signal R injected. Returns (x.grad, stats)."""
     model = nn.Sequential(layer)
@@ -92,14 +82,6 @@ def run(layer: nn.Module, x: torch.Tensor, R: torch.Tensor, **kw):
         (model(x) * R).sum().backward()
         stats = engine.stats()
     return x.grad.detach().clone(), stats
-
-
-def assert_close(actual, expected, rtol=RTOL, what=""):
-    actual, expected = oracle.to_np(actual), oracle.to_np(expected)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    assert np.isfinite(actual).all(), f"{what}: non-finite values"
-    scale = float(np.abs(expected).max(initial=0.0))
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale + 1e-300, err_msg=what)
 
 
 def output_signal(layer, x, gen):
