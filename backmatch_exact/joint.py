@@ -41,14 +41,11 @@ one consumer in a chain (several at a fan-out, for branching networks). Paths:
   accepted on a recomputed one. Started from 0, unpreconditioned CGLS stays in
   the row space of J and so converges to the minimum-norm answer; the
   preconditioned one converges to the least-squares answer of minimum *D-weighted*
-  norm, the same only when that answer is unique (or J's null space is spanned by
-  unread units, which are left out). So the preconditioner is used when λ > 0 or
-  there are at least as many outputs as inputs (J generically of full column
-  rank), and plain CGLS when λ = 0 and J has fewer rows than columns (pooling, a
-  strided conv): there J is rank-deficient for certain. A J with at least as
-  many rows as columns that is nevertheless rank-deficient in a direction other
-  than unread units (a non-generic W) would get the D-weighted answer; the dense
-  path has no such caveat.
+  norm, the same only when that answer is unique. So the preconditioner is used
+  when λ > 0 (the answer is unique) and plain CGLS when λ = 0, where J may be
+  rank-deficient even with more outputs than inputs (a padded conv has outputs
+  that read padding only). On VGG's undamped convs the two take 40 and 44
+  iterations to 1e-6.
 
 ``auto`` takes a dense path when the matrix it factors has at most
 :data:`DENSE_MAX` rows and the iterative one otherwise: at 2048 the matrix is 16
@@ -213,13 +210,12 @@ def solve(consumers: list[tuple[InputOperator, torch.Tensor]], numerator: torch.
 
 
 def _iterative(operators, signals, rhs, lam, settings: Settings, layer: str):
-    """CGLS to the settings' tolerance, preconditioned where the least-squares answer is unique (module
-    docstring); a miss raises :class:`SolveError` unless it is to be recorded."""
+    """CGLS to the settings' tolerance, preconditioned when the least-squares answer is unique (λ > 0, see the
+    module docstring); a miss raises :class:`SolveError` unless it is to be recorded."""
     dtype = rhs.dtype
     tol = settings.tol if settings.tol is not None else DEFAULT_TOL[dtype]
     diagonal = sum(op.col_sq.to(dtype).reshape(-1) for op in operators) + lam
-    unique = lam > 0 or sum(op.out_size for op in operators) >= rhs.shape[1]
-    scale = diagonal.clamp_min(torch.finfo(dtype).tiny).rsqrt() if unique else 1.0
+    scale = diagonal.clamp_min(torch.finfo(dtype).tiny).rsqrt() if lam > 0 else 1.0
     x, info = _cgls(operators, signals, rhs, lam, torch.where(diagonal > 0, scale, 0.0), tol, settings.max_iter)
     if not info.converged and settings.on_no_convergence == "raise":
         raise SolveError(
