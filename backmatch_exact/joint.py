@@ -1,4 +1,4 @@
-"""The joint input signal (beyond the paper, §7 of the notes): every unit of a layer's input co-updated.
+"""The joint input signal (beyond the paper: its future work): every unit of a layer's input co-updated.
 
 Back-matching's input signal (eq. 11–12, 22) lets each input unit j match the
 requested change ``g'_b`` on its own, as if the rest of the layer stayed put:
@@ -34,8 +34,8 @@ one consumer in a chain (several at a fan-out, for branching networks). Paths:
   answer by the push-through identity (minimum norm at λ = 0 too).
 * **iterative** — CGLS on the stacked least-squares problem
   ``min ‖[J_c; √λ I] δa − [g'_c; 0]‖`` (never CG on the normal equations, which
-  squares the condition), right-preconditioned by the per-unit diagonal
-  ``D = Σ_c ‖J_c[:,j]‖² + λ``, batched over samples: each sample stops at its own
+  squares the condition), right-preconditioned when λ > 0 (below) by the
+  per-unit diagonal ``D = Σ_c ‖J_c[:,j]‖² + λ``, batched over samples: each sample stops at its own
   tolerance, the solve when all have or after ``max_iter`` iterations. The
   recursively updated residual drifts by rounding, so convergence is only
   accepted on a recomputed one. Started from 0, unpreconditioned CGLS stays in
@@ -51,7 +51,10 @@ one consumer in a chain (several at a fan-out, for branching networks). Paths:
 :data:`DENSE_MAX` rows and the iterative one otherwise: at 2048 the matrix is 16
 MiB in float32 and its Cholesky about 3 GFlop, a tenth of a second on one CPU
 core, while LeNet's cv2 (1176 units) is then dense and VGG's 16x16 to 4x4 maps
-(4096 to 16384 units, whose dense Cholesky would cost 1–100 s) are iterative.
+(4096 to 16384 units, whose dense Cholesky would cost about 1 to 60 s) are
+iterative. VGG's 2x2 maps (2048 units) stay dense: undamped, those square
+convolutions are too ill-conditioned for the iteration, although with damping
+it is the cheaper path there (forming their ``JᵀJ`` costs more than ~15 iterations).
 
 Every solve reports its path, rank (dense) or iterations (iterative), the
 achieved relative residual of the normal equations (largest over the samples)

@@ -198,7 +198,7 @@ def test_adaptive_avgpool2d(out_h, out_w, mu, solver, seed):
 
 @pytest.mark.parametrize("mu", [0.0, 1.0])
 def test_disjoint_average_pool_closed_form(mu):
-    """§7: a window of |K| inputs read by no other window gives each of them g_b·|K|/(|K| + μ) (joint), against
+    """A window of |K| inputs read by no other window gives each of them g_b·|K|/(|K| + μ) (joint), against
     |K|·g_b/(1 + μ) per unit."""
     gen = torch.Generator().manual_seed(0)
     x, R = randn(gen, 2, 3, 4, 6), randn(gen, 2, 3, 2, 3)

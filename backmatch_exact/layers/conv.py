@@ -9,7 +9,7 @@
 * approximate:   G ≈ s·I with s the sharing factor (eq. 33), and c(j,p) ≈ ‖W_col‖²_{2,µ} / c with
                  c = (input locations) / s, so r = g_a / g'_a = ‖W_col‖²_{2,µ} / c   (eq. 35)
 
-* joint (§7):    g'_a = (JᵀJ + λI)⁺ Jᵀ g'_b over a sample's whole input map, J the convolution
+* joint:         g'_a = (JᵀJ + λI)⁺ Jᵀ g'_b over a sample's whole input map, J the convolution
                  (the same for every sample). ``JᵀJ = Σ_u S_uᵀ (W_rowᵀ W_row) S_u`` (S_u: the patch
                  of output location u), formed without im2col (``ConvInput.gram``); or matrix-free,
                  ``J = conv2d`` and ``Jᵀ = conv_transpose2d``.

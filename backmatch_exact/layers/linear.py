@@ -4,7 +4,7 @@
 * back-matching: g'_a_j = g_a_j / ‖w_j‖²   (eq. 12/14, w_j = column j of W)
                  g'_W = g_W · G⁺,  G = E[ã ãᵀ]   (eq. 13/15, bias as weight on a constant 1)
 * approximate:   G ≈ I, ‖w_j‖² ≈ ‖Wᵀ‖²_{2,µ} (row homogeneity), so r = g_a / g'_a = ‖Wᵀ‖²_{2,µ}  (eq. 32/34)
-* joint (§7):    g'_a = (WᵀW + λI)⁺ Wᵀ g'_b = W⁺ g'_b at λ = 0 (the dual form Wᵀ(WWᵀ + λI)⁺ g'_b when out < in)
+* joint:         g'_a = (WᵀW + λI)⁺ Wᵀ g'_b = W⁺ g'_b at λ = 0 (the dual form Wᵀ(WWᵀ + λI)⁺ g'_b when out < in)
 
 Inputs with extra leading dimensions (B, ..., in) count every position as a
 location: mean over the B samples, sum over positions, as for Conv2d.

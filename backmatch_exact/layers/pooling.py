@@ -11,7 +11,7 @@ AvgPool2d / AdaptiveAvgPool2d — b_k = Σ_{j∈k} a_j / |K_k|:
 
 Both are ``g_a / ‖J_{:,j}‖²``; only the column norms differ.
 
-Joint (§7): MaxPool's ``JᵀJ`` is diagonal (each output copies one input), so its joint rule is the
+Joint (beyond the paper): MaxPool's ``JᵀJ`` is diagonal (each output copies one input), so its joint rule is the
 per-unit one. Average pooling's is not, even without overlap: per channel, ``g'_a = (PᵀP + λI)⁺ Pᵀ g'_b``
 with P the pooling matrix (``PoolInput``). A window of |K| inputs read by no other window gives each
 of them ``g_b_k`` (the least change that moves the mean by ``g_b_k``), where the per-unit rule gives
