@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -26,16 +26,12 @@ from backmatch_exact import joint
 
 try:
     from tests import oracle
-    from tests.test_layer_rules import assert_close, randn, randomize
+    from tests.test_layer_rules import DT, RTOL, SETTINGS, assert_close, randn, randomize, seeds
 except ImportError:  # pytest's rootdir/tests on sys.path
     import oracle
-    from test_layer_rules import assert_close, randn, randomize
+    from test_layer_rules import DT, RTOL, SETTINGS, assert_close, randn, randomize, seeds
 
-DT = torch.float64
-RTOL = 1e-8
-FEW = settings(max_examples=12, deadline=None, database=None,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-seeds = st.integers(0, 2**31 - 1)
+FEW = settings(SETTINGS, max_examples=12)
 mus = st.sampled_from([0.0, 0.0, 0.5, 2.0])
 
 pytestmark = pytest.mark.usefixtures("one_thread")
