@@ -7,8 +7,10 @@
     engine.detach()
 
 ``bm.attach(model, mode="exact", approximations=["gram"])`` makes some of Algorithm 1's
-approximations (:class:`Approximations`); ``bm.optim`` has the paper's baselines,
-``bm.models`` its networks, ``bm.data`` the shipped data and loaders.
+approximations (:class:`Approximations`); ``bm.attach(model, mode="exact", signals="joint")``
+co-updates each layer's input units instead of letting each match on its own (``joint.py``).
+``bm.optim`` has the paper's baselines, ``bm.models`` its networks, ``bm.data`` the shipped data
+and loaders.
 """
 
 from . import data, models, optim

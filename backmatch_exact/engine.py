@@ -38,12 +38,12 @@ import weakref
 import torch
 from torch import nn
 
-from . import distributed, weights
+from . import distributed, joint, weights
 from .approx import ApproxPlan, Approximations, PlanOp
 from .errors import BackMatchError, GraphError, NonFiniteError, UnresolvedSolveWarning, UnsupportedModuleError
 from .graph import Capture, Op, Use, Value, call_site, tensors_requiring_grad
 from .layers import LayerRule, glue, rule_for
-from .layers.base import signal_amplification
+from .layers.base import signal_amplification, solves_jointly
 from .solver import safe_divide
 from .timing import Timing
 
@@ -93,7 +93,8 @@ class Engine:
     def __init__(self, model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_damping: float = 0.0,
                  damping_scale: str = "relative", weight_decay: float = 0.0, solve_method: str = "auto",
                  process_group=None, approximations=None, backend: str = "fast", approx_signals: bool = False,
-                 solve_dtype=None):
+                 solve_dtype=None, signals: str = "per_unit", joint_solver: str = "auto", joint_tol: float | None = None,
+                 joint_max_iter: int = 500, on_no_convergence: str = "raise"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for name, value in (("damping", damping), ("signal_damping", signal_damping),
@@ -112,6 +113,12 @@ class Engine:
         if switches.any() and mode != "exact":
             raise ValueError(f"approximations are switches of mode='exact' (mode='approx' makes all of them), "
                              f"not of mode={mode!r}")
+        self.joint = joint.settings(signals, joint_solver, joint_tol, joint_max_iter, on_no_convergence)
+        if self.joint is not None and (mode != "exact" or switches.any()):
+            raise ValueError(f"signals='joint' is a rule for the back-matched signals of mode='exact' without "
+                             f"approximations; mode={mode!r}"
+                             + (" sends no back-matched signal" if mode != "exact" else " has approximations"))
+        self.signals = signals
         # torch.distributed (distributed.py): a DDP model is unwrapped to its .module; None when nothing is exchanged
         model, self.distributed = distributed.setup(model, mode, process_group)
         self.model = model
@@ -471,10 +478,21 @@ class Engine:
     # -------------------------------------------------------------- backward
     def _value_signal(self, value: Value, grad: torch.Tensor):
         """Tensor hook of a value: the back-matched signal from the sum of its consumers' backprop signals."""
+        result = self._back_matched(value, grad)
+        if self.joint is not None and value.producer is not None:  # a joint consumer's solve reads its g'_b
+            value.producer.grad_output = grad if result is None else result
+        return result
+
+    def _back_matched(self, value: Value, grad: torch.Tensor):
         uses = value.uses
         if not uses or (len(uses) == 1 and self._unchanged(uses[0])):
             return None
         first = uses[0].op
+        if self.joint is not None and any(u.denominator is None and solves_jointly(u.op.rule) for u in uses):
+            result = self._joint_signal(value, grad)  # (timed as signal_gram / signal)
+            self._check_finite(result, "back-matched input signal", first.path, first.module)
+            value.checked = True
+            return result
         with self.timing.part(first.path, "input_signal"):
             den = self._denominator(uses[0])
             for use in uses[1:]:
@@ -596,6 +614,47 @@ class Engine:
         for name, value in solved.items():
             self._pending[getattr(op.module, name)] = value
 
+    def _joint_signal(self, value: Value, grad: torch.Tensor) -> torch.Tensor:
+        """``(Σ_c J_cᵀJ_c + λI)⁺ Σ_c J_cᵀ g'_c`` over the value's consumers (``joint.solve``, SPEC §7–8).
+
+        Consumers whose ``JᵀJ`` is not diagonal hand in their Jacobian (``rule.input_operator``); the others
+        (an identity in an add, a normalization, an activation) together add a diagonal, and their part of
+        the numerator is what is left of autograd's sum. The statistics join the first such layer's row.
+        """
+        operators, diagonal, solved_here = [], None, None
+        for use in value.uses:
+            op = use.op
+            if use.denominator is None and solves_jointly(op.rule):
+                operator = op.rule.input_operator(op.module, op.inputs[use.index])
+                operators.append((operator, operator.out_rows(op.grad_output)))
+                solved_here = solved_here or op
+            else:  # ‖J_c[:, j]‖² of a consumer whose JᵀJ is diagonal (undamped: λ carries the damping)
+                part = use.denominator if use.denominator is not None else op.rule.column_sq_norms(
+                    op.module, op.inputs[use.index])
+                diagonal = part if diagonal is None else diagonal + part
+        if len({operator.size for operator, _ in operators}) > 1:
+            raise GraphError(
+                f"signals='joint': the tensor that {' and '.join(u.op.path for u in value.uses)} read is laid out "
+                "differently by them (a pooling layer, per channel, beside a layer that reads whole samples): the "
+                "joint solve over such consumers is not supported; use signals='per_unit' for this network"
+            )
+        if diagonal is not None:
+            first = operators[0][0]
+            numerator = first.rows(grad) - sum(operator.rmatvec(signal) for operator, signal in operators)
+            scale = first.rows(torch.as_tensor(diagonal, dtype=grad.dtype).expand(grad.shape).sqrt())
+            operators.append((joint.DiagonalInput(scale), safe_divide(numerator, scale)))
+        path = solved_here.path
+        try:
+            result, info = joint.solve(operators, grad, self.signal_damping, self.joint, path, self.timing)
+        except BackMatchError as exc:
+            if self.distributed is None:
+                raise
+            self.distributed.record_bad(path, "back-matched input signal", exc)  # no rank raises alone
+            return torch.zeros_like(grad)
+        row = self._stats.setdefault(path, {"layer": path, "kind": type(solved_here.module).__name__})
+        row.update(info.row())
+        return result
+
     def _param_grad(self, layer: _Layer, name: str, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         op = layer.op
         if self.mode == "approx" and self._light_factors is not None:
@@ -670,11 +729,24 @@ class Engine:
         ``layer``, ``kind``, ``m`` (backward factor at the output), ``s``
         (sharing factor), ``c`` (conv factor), ``r`` (ratio g_a / g'_a) and
         ``scale`` = 1/(m·s), the factor applied to the weight gradient.
+
+        ``signals="joint"``: every weight layer's row, and a row of its own for each
+        average pooling layer, add the joint signal solve (``joint.SignalInfo``):
+        ``signal_path`` (cholesky / eigh / dual-cholesky / dual-eigh: dense;
+        iterative; none: no signal was asked for, as below the first weight layer),
+        ``signal_rank`` (dense), ``signal_iterations`` (iterative),
+        ``signal_residual`` (largest relative residual of the normal equations over
+        the samples), ``signal_condition`` (dense: of the Jacobi-scaled matrix it
+        factored), ``signal_converged`` and ``signal_fallback``.
         """
         if self._approx_step is not None:
             self._approx_stats()
             self._approx_step = None
         rows = [self._stats[layer.path] for layer in self.layers if layer.path in self._stats]
+        if self.joint is not None:
+            for row in rows:
+                for key, value in joint.NO_SIGNAL.items():
+                    row.setdefault(key, value)
         for row in rows:  # the statistics the answer does not need are computed here, when read, once
             for key, value in row.items():
                 if callable(value):
@@ -696,7 +768,8 @@ class _Skipped(Exception):
 def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_damping: float = 0.0,
            damping_scale: str = "relative", weight_decay: float = 0.0, solve_method: str = "auto",
            process_group=None, approximations=None, backend: str = "fast", approx_signals: bool = False,
-           solve_dtype=None) -> Engine:
+           solve_dtype=None, signals: str = "per_unit", joint_solver: str = "auto", joint_tol: float | None = None,
+           joint_max_iter: int = 500, on_no_convergence: str = "raise") -> Engine:
     """Make ``loss.backward()`` on ``model`` compute back-matching propagation.
 
     mode: ``"bp"`` (hooks attached, values unchanged), ``"exact"`` (back-matched
@@ -721,6 +794,15 @@ def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_d
     or ``torch.float64``; None (default): float64 for float64 models, and for float32
     and half models float32 where its Cholesky proves the Gram well conditioned,
     float64 where it does not (``weights.py``). The answer has the parameters' dtype.
+    signals: ``"per_unit"`` (default: each input unit matches the change on its own,
+    eq. 11–12/22) or ``"joint"`` (``mode="exact"`` only: all of a tensor's units at
+    once, ``(Σ_c J_cᵀJ_c + λI)⁺ Σ_c J_cᵀ g'_c`` per sample over its consumers c, see
+    ``joint.py``). joint_solver: ``"auto"`` (dense up to ``joint.DENSE_MAX`` rows, else
+    iterative), ``"dense"`` or ``"iterative"`` (CGLS). joint_tol: the iterative solve's
+    tolerance on the relative residual of the normal equations (None: 1e-5 for float32
+    solves, 1e-10 for float64); joint_max_iter: its iteration cap; on_no_convergence:
+    ``"raise"`` (:class:`SolveError`) or ``"record"`` (keep the last iterate,
+    ``signal_converged=False`` in ``stats()``).
     process_group: data parallelism over torch.distributed (``distributed.py``). A
     ``DistributedDataParallel`` model is unwrapped (hooks on ``model.module``,
     ``engine.model`` is that module) and exchanges over ``model.process_group``
@@ -737,4 +819,5 @@ def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_d
     Returns the :class:`Engine`; ``engine.detach()`` (or leaving a ``with`` block) removes it.
     """
     return Engine(model, mode, damping, signal_damping, damping_scale, weight_decay, solve_method, process_group,
-                  approximations, backend, approx_signals, solve_dtype)
+                  approximations, backend, approx_signals, solve_dtype, signals, joint_solver, joint_tol,
+                  joint_max_iter, on_no_convergence)

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,6 +44,26 @@ def test_evaluate_rows_are_the_engine_runs_they_name():
         assert row["without_gram_ratio"] == pytest.approx(
             compare.norm(without_gram.weight_grads[layer]) / compare.norm(exact.weight_grads[layer]), rel=1e-9)
     assert rows[0]["only_columns_cos"] < 0.999  # (the switch does something at cv1)
+
+    # the independence assumption: per-unit against joint, and one layer's two rules on the same g'_b (fc3: W⁺)
+    joint = run(signals="joint")
+    for row in rows:
+        layer = row["layer"]
+        assert row["cos_joint_per_unit"] == pytest.approx(
+            compare.cosine(exact.weight_grads[layer], joint.weight_grads[layer]), abs=1e-12)
+        assert row["signal_joint_norm_ratio"] == pytest.approx(
+            compare.norm(exact.input_signals[layer]) / compare.norm(joint.input_signals[layer]), rel=1e-9)
+        assert row["joint_residual"] < 1e-9
+    w, g_b = model.fc3.weight.detach(), joint.output_signals["fc3"]
+    col_sq = (w * w).sum(0)
+    per_unit = g_b @ w / (col_sq + 0.5 * col_sq.mean())
+    co_updated = torch.linalg.solve(w.T @ w + 0.5 * col_sq.mean() * torch.eye(84, dtype=w.dtype), w.T @ g_b.T).T
+    assert torch.allclose(joint.input_signals["fc3"], co_updated, rtol=1e-9, atol=1e-14)
+    assert rows[-1]["local_cos_joint_per_unit"] == pytest.approx(compare.cosine(per_unit, co_updated), abs=1e-9)
+    assert rows[-1]["local_cos_joint_per_unit"] < 0.999  # (the assumption costs something at fc3)
+    costs = compare.ablation_costs(rows)
+    assert costs[compare.PER_UNIT]["mean_1_minus_cos"] == pytest.approx(
+        float(np.mean([1 - r["cos_joint_per_unit"] for r in rows])))
 
 
 def _compare_args(out, **kw):

@@ -360,7 +360,7 @@ def test_timing_is_off_by_default_and_records_when_on():
 def test_bench_runs_and_reports(tmp_path, capsys):
     report = bench.run("lenet", batch=8, steps=2, warmup=1, threads=1, profile_steps=1, dtype="float32")
     modes = report["modes"]
-    assert set(modes) == set(bench.MODES)
+    assert set(modes) == set(bench.DEFAULT_MODES)
     assert modes["plain"]["vs_plain"] == modes["plain"]["vs_plain_paired"] == modes["bp"]["vs_bp"] == 1.0
     assert all(m["median_ms"] > 0 for m in modes.values())
     assert "cv1" in report["breakdown_ms"] and "gram" in report["breakdown_ms"]["cv1"]
@@ -378,6 +378,15 @@ def test_bench_runs_and_reports(tmp_path, capsys):
         bench.cli(["--modes", "exact@float16"])
     assert refused.value.code == 2
     assert "--modes must be mode names" in capsys.readouterr().err
+
+
+def test_bench_times_the_joint_step():
+    report = bench.run("lenet", batch=4, steps=1, warmup=0, threads=1, profile_steps=1, modes=("bp", "exact_joint"),
+                       signal_damping=0.5)
+    assert set(report["modes"]) == {"bp", "exact_joint"} and report["config"]["signal_damping"] == 0.5
+    assert report["breakdown_ms_exact_joint"]["cv2"]["signal"] > 0 and "breakdown_ms" not in report
+    assert {s["layer"]: s["signal_path"] for s in report["exact_joint_stats"]}["cv2"] == "cholesky"
+    assert "cholesky / cholesky" in bench.format_report(report)
 
 
 def test_retained_graph_second_backward_matches_reference():

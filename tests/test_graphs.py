@@ -78,26 +78,35 @@ def _jacobians(node, values, wrt):
     return jacs
 
 
-def _signals(nodes, values, R, mu=0.0) -> dict[str, np.ndarray]:
-    """The back-matched signal at every value, from the output signal R down (SPEC §8, per unit)."""
+def _signals(nodes, values, R, mu=0.0, joint=False) -> dict[str, np.ndarray]:
+    """The back-matched signal at every value, from the output signal R down (SPEC §8): per unit, or jointly
+    (``joint``: per sample ``(Σ_c J_cᵀJ_c + λI)⁺ Σ_c J_cᵀ g'_c``, λ = μ·Σ over damped c of mean_j ‖J_c[:,j]‖²)."""
     signals = {nodes[-1].name: oracle.to_np(R)}
     for value in reversed(["x"] + [n.name for n in nodes[:-1]]):
-        numerator, denominator = 0.0, 0.0
+        numerator, denominator, normal, lam = 0.0, 0.0, 0.0, 0.0
         for node in (n for n in nodes if value in n.inputs):
             jacs = _jacobians(node, values, value)
             r = signals[node.name].reshape(len(jacs), -1)
             numerator = numerator + np.stack([j.T @ ri for j, ri in zip(jacs, r)])
+            normal = normal + np.stack([j.T @ j for j in jacs])
             col_sq = np.stack([(j * j).sum(axis=0) for j in jacs])
             denominator = denominator + (col_sq + mu * col_sq.mean() if node.damped and mu else col_sq)
-        ok = denominator > 0
-        signals[value] = np.where(ok, numerator / np.where(ok, denominator, 1.0), 0.0).reshape(values[value].shape)
+            lam += mu * col_sq.mean(axis=1) if node.damped and mu else 0.0
+        if joint:
+            eye = np.eye(numerator.shape[1])
+            signal = np.stack([np.linalg.pinv(m + (lam[i] if np.ndim(lam) else lam) * eye, rcond=1e-10,
+                                              hermitian=True) @ n for i, (m, n) in enumerate(zip(normal, numerator))])
+        else:
+            ok = denominator > 0
+            signal = np.where(ok, numerator / np.where(ok, denominator, 1.0), 0.0)
+        signals[value] = signal.reshape(values[value].shape)
     return signals
 
 
-def graph_oracle(nodes: list[Node], x: torch.Tensor, R: torch.Tensor, mu: float = 0.0):
+def graph_oracle(nodes: list[Node], x: torch.Tensor, R: torch.Tensor, mu: float = 0.0, joint: bool = False):
     """Back-matched ``(g'_x, {module: {param: gradient}})`` of the graph for the output signal R (exact mode)."""
     values = _forward(nodes, x)
-    signals = _signals(nodes, values, R, mu)
+    signals = _signals(nodes, values, R, mu, joint)
     grads = {}
     for node in nodes:
         if node.module is None:
@@ -267,6 +276,29 @@ def test_exact_equals_the_dense_graph_oracle(kind, mu):
     for module, params in want.items():
         for name, value in params.items():
             _assert_close(got[module][name], value, f"{type(module).__name__}.{name}")
+
+
+@pytest.mark.parametrize("kind", ["identity", "projection", "three", "nested"])
+@pytest.mark.parametrize("mu", [0.0, 0.7])
+def test_joint_signals_at_fan_outs_equal_the_dense_graph_oracle(kind, mu):
+    """signals='joint' (SPEC §7–8): at a tensor feeding a conv and an add, (conv1ᵀconv1 + I)⁺ (conv1ᵀ g'_1 + g'_add)."""
+    model, x, R = _setup(kind)
+    got_x, got = _engine_run(model, x, R, mode="exact", signals="joint", signal_damping=mu)
+    want_x, want = graph_oracle(model.nodes(), x, R, mu, joint=True)
+    _assert_close(got_x, want_x, "x", rtol=1e-7)
+    for module, params in want.items():
+        for name, value in params.items():
+            _assert_close(got[module][name], value, f"{type(module).__name__}.{name}", rtol=1e-7)
+    per_unit_x, _ = _engine_run(model, x, R, mode="exact", signal_damping=mu)
+    assert np.abs(oracle.to_np(per_unit_x) - want_x).max() > 1e-3 * np.abs(want_x).max()  # (not the per-unit rule)
+
+
+def test_joint_signal_over_differently_laid_out_consumers_is_refused():
+    """x feeds a conv (whole samples) and an average pool (per channel): a clear error, not a wrong answer."""
+    model, x, R = _setup("cat-scale-pools")
+    with bm.attach(model, mode="exact", signals="joint"):
+        with pytest.raises(bm.GraphError, match="joint.*laid out differently.*per_unit"):
+            (model(x.clone().requires_grad_(True)) * R).sum().backward()
 
 
 @pytest.mark.parametrize("kind", list(NETWORKS))

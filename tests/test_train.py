@@ -248,3 +248,20 @@ def test_train_under_torchrun_writes_once_and_resumes(tmp_path):
     # a run made by 2 processes is not resumed by 1 (BatchNorm statistics would change meaning)
     with pytest.raises(common.CommandError, match="processes was 2, now 1"):
         train.main(_args(tmp_path / "resumed", *DIST[:-4], "--dtype", "float64", "--epochs", "3", "--resume"))
+
+
+def test_signals_sweep_keeps_old_keys_and_trains_joint(tmp_path):
+    configs = train.expand_configs(["sgd", "exact"], [0.1], [1.0], [1.0], [0, 1], ["per_unit", "joint"])
+    assert [c.key for c in configs] == ["sgd_lr0.1_seed0", "sgd_lr0.1_seed1", "exact_lr0.1_d1_sd1_seed0",
+                                        "exact_lr0.1_d1_sd1_seed1", "exact_lr0.1_d1_sd1_joint_seed0",
+                                        "exact_lr0.1_d1_sd1_joint_seed1"]
+    assert configs[-1].label == "exact lr=0.1 λ=1 μ=1 joint" and configs[2].label == "exact lr=0.1 λ=1 μ=1"
+    out = tmp_path / "run"
+    assert train.main(_args(out, "--optim", "exact", "--signals", "per_unit", "joint", "--signal-damping", "1",
+                            "--train-subset", "64", "--epochs", "1")) == 0
+    lines = train.read_results(out / "results.jsonl")
+    assert [(l["config"], l["signals"], l["diverged"]) for l in lines] == [
+        ("exact_lr0.05_d0_sd1_seed0", "per_unit", False), ("exact_lr0.05_d0_sd1_joint_seed0", "joint", False)]
+    assert lines[0]["test_loss"] != lines[1]["test_loss"]  # (after the one step: a different update)
+    with pytest.raises(SystemExit):
+        train.main(_args(tmp_path / "bad", "--signals", "both"))

@@ -29,6 +29,7 @@ from ..weights import ExplicitRows, RowSource
 
 if TYPE_CHECKING:  # (approx.py imports this module)
     from ..approx import ApproxFactors, Approximations
+    from ..joint import InputOperator
 
 
 def damped(col_sq: torch.Tensor, signal_damping: float) -> torch.Tensor:
@@ -105,6 +106,13 @@ class LayerRule:
         return safe_divide(self.numerator(module, a, grad_input, grad_output, switches),
                            self.denominator(module, a, mu, switches, factors))
 
+    def input_operator(self, module: nn.Module, a: torch.Tensor) -> "InputOperator":
+        """This call's input Jacobian J for the joint signal ``(JᵀJ + λI)⁺ Jᵀ g'_b`` (``joint.py``).
+
+        Only rules whose ``JᵀJ`` is not diagonal override it; for the others the joint rule is :meth:`signal`.
+        """
+        raise NotImplementedError
+
     def approx_ratio(self, module: nn.Module, place: "ApproxPlace") -> float:
         """Algorithm 1's ratio ``r = g_a / g'_a``, from weights and shapes alone (1: same as backprop)."""
         return 1.0
@@ -126,6 +134,11 @@ class LayerRule:
     def parameter_gradients(self, module, a, grad_output, weight_decay: float, gram=None):
         """``(back-matched, plain)`` gradients ``{name: tensor}``; ``gram`` replaces :meth:`parameter_gram`'s."""
         raise NotImplementedError
+
+
+def solves_jointly(rule: LayerRule) -> bool:
+    """Whether ``rule`` gives an input operator for the joint signal (its joint and per-unit rules differ)."""
+    return type(rule).input_operator is not LayerRule.input_operator
 
 
 @dataclasses.dataclass

@@ -9,6 +9,11 @@
 * approximate:   G ≈ s·I with s the sharing factor (eq. 33), and c(j,p) ≈ ‖W_col‖²_{2,µ} / c with
                  c = (input locations) / s, so r = g_a / g'_a = ‖W_col‖²_{2,µ} / c   (eq. 35)
 
+* joint:         g'_a = (JᵀJ + λI)⁺ Jᵀ g'_b over a sample's whole input map, J the convolution
+                 (the same for every sample). ``JᵀJ = Σ_u S_uᵀ (W_rowᵀ W_row) S_u`` (S_u: the patch
+                 of output location u), formed without im2col (``ConvInput.gram``); or matrix-free,
+                 ``J = conv2d`` and ``Jᵀ = conv_transpose2d``.
+
 ``c(j,p)`` is one backward pass of a ones tensor through the layer with W squared,
 and does not depend on the data.
 """
@@ -21,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModuleError
+from ..joint import InputOperator
 from ..weights import ExplicitRows, RowSource
 from .base import WeightRule, append_ones_column, mean_sq_column_norm
 
@@ -84,6 +90,10 @@ class Conv2dRule(WeightRule):
 
     def input_units(self, module: nn.Conv2d) -> int:
         return module.in_channels
+
+    def input_operator(self, module: nn.Conv2d, a: torch.Tensor) -> "ConvInput":
+        _check_4d(module, a)
+        return ConvInput(module, tuple(a.shape[1:]), self.column_sq_norms(module, a))
 
     def approx_ratio(self, module: nn.Conv2d, place) -> float:
         ratio = mean_sq_column_norm(module.weight, module.in_channels, place)
@@ -180,6 +190,56 @@ class ConvRows(RowSource):
             [0, 0], 1, [False, True, has_bias])
         flat = grad_w.reshape(r, -1)
         return torch.cat([flat, grad_b[:, None]], 1) if has_bias else flat
+
+
+class ConvInput(InputOperator):
+    """J of one sample's whole input map (C_in·H·W units) to its output map: the convolution without bias."""
+
+    def __init__(self, module: nn.Conv2d, in_shape: tuple, col_sq: torch.Tensor):
+        self.weight, self.in_shape, self.col_sq = module.weight.detach().clone(), in_shape, col_sq.reshape(-1)
+        self.stride, self.padding, self.dilation = tuple(module.stride), _int_padding(module), tuple(module.dilation)
+        self.groups = module.groups
+        self.out_shape = (module.out_channels, *_output_size(module, *in_shape[1:]))
+        self.size, self.out_size = math.prod(in_shape), math.prod(self.out_shape)
+
+    def matvec(self, v):
+        out = F.conv2d(v.view(-1, *self.in_shape), self.weight.to(v.dtype), None, self.stride, self.padding,
+                       self.dilation, self.groups)
+        return out.reshape(v.shape[0], -1)
+
+    def rmatvec(self, u):
+        out = torch.nn.grad.conv2d_input((u.shape[0], *self.in_shape), self.weight.to(u.dtype),
+                                         u.view(-1, *self.out_shape), self.stride, self.padding, self.dilation,
+                                         self.groups)
+        return out.reshape(u.shape[0], -1)
+
+    def gram(self, dtype):
+        """``JᵀJ = Σ_u S_uᵀ K S_u`` with ``K = W_rowᵀ W_row``: entry ``((c,p), (c',p'))`` sums ``K[(c,p−u),(c',p'−u)]``
+        over the output locations u whose window holds both pixels. The windows are products of a row range
+        and a column range, so the sum over u splits into one over output rows (``Q_h``) and one over output
+        columns (``Q_w``): two small contractions, no patch ever formed."""
+        channels, height, width = self.in_shape
+        kh, kw = self.weight.shape[-2:]
+        groups = self.groups  # (a grouped conv: K is block diagonal, each group's input channels apart)
+        w = self.weight.to(dtype).reshape(groups, self.weight.shape[0] // groups, -1)
+        kernel = torch.block_diag(*(wg.T @ wg for wg in w)).view(channels, kh, kw, channels, kh, kw)
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        rows = _window_pairs(height, self.out_shape[1], kh, sh, dh, ph, dtype, w.device)
+        cols = _window_pairs(width, self.out_shape[2], kw, sw, dw, pw, dtype, w.device)
+        by_rows = torch.einsum("aijbkl,ikpq->ajblpq", kernel, rows)
+        return torch.einsum("ajblpq,jlrs->aprbqs", by_rows, cols).reshape(self.size, self.size)
+
+
+@functools.lru_cache(maxsize=256)
+def _window_pairs(size: int, out: int, kernel: int, stride: int, dilation: int, padding: int, dtype,
+                  device) -> torch.Tensor:
+    """``Q[v, v', p, p']`` (kernel, kernel, size, size): how many output positions read input p at kernel offset v
+    and input p' at offset v' (along one axis)."""
+    position = stride * torch.arange(out)[:, None] + dilation * torch.arange(kernel)[None, :] - padding
+    reads = torch.zeros(out, kernel, size + 1, dtype=dtype)  # the last column collects the padding
+    reads.scatter_(2, torch.where((position >= 0) & (position < size), position, size)[..., None], 1.0)
+    reads = reads[..., :size]
+    return torch.einsum("uvp,uwq->vwpq", reads, reads).to(device)
 
 
 _CHUNK_ELEMENTS = 1 << 20  # per batch chunk, elements of its im2col or row-lag matrix (4 MiB in fp32: stays in cache)

@@ -4,6 +4,7 @@
 * back-matching: g'_a_j = g_a_j / ‖w_j‖²   (eq. 12/14, w_j = column j of W)
                  g'_W = g_W · G⁺,  G = E[ã ãᵀ]   (eq. 13/15, bias as weight on a constant 1)
 * approximate:   G ≈ I, ‖w_j‖² ≈ ‖Wᵀ‖²_{2,µ} (row homogeneity), so r = g_a / g'_a = ‖Wᵀ‖²_{2,µ}  (eq. 32/34)
+* joint:         g'_a = (WᵀW + λI)⁺ Wᵀ g'_b = W⁺ g'_b at λ = 0 (the dual form Wᵀ(WWᵀ + λI)⁺ g'_b when out < in)
 
 Inputs with extra leading dimensions (B, ..., in) count every position as a
 location: mean over the B samples, sum over positions, as for Conv2d.
@@ -12,12 +13,16 @@ location: mean over the B samples, sum over positions, as for Conv2d.
 import torch
 from torch import nn
 
+from ..joint import InputOperator
 from .base import WeightRule, append_ones_column, mean_sq_column_norm
 
 
 class LinearRule(WeightRule):
     def column_sq_norms(self, module: nn.Linear, a: torch.Tensor) -> torch.Tensor:
         return (module.weight.detach() ** 2).sum(dim=0)  # eq. 12: w_jᵀ w_j
+
+    def input_operator(self, module: nn.Linear, a: torch.Tensor) -> "LinearInput":
+        return LinearInput(module.weight.detach().clone(), self.column_sq_norms(module, a))
 
     def input_rows(self, module: nn.Linear, a: torch.Tensor) -> torch.Tensor:
         rows = a.reshape(-1, module.in_features)
@@ -31,3 +36,25 @@ class LinearRule(WeightRule):
 
     def input_units(self, module: nn.Linear) -> int:
         return module.in_features
+
+
+class LinearInput(InputOperator):
+    """J = W for every sample (every leading position of the input is a sample of its own)."""
+
+    def __init__(self, weight: torch.Tensor, col_sq: torch.Tensor):
+        self.weight, self.col_sq = weight, col_sq
+        self.out_size, self.size = weight.shape
+
+    def matvec(self, v):
+        return v @ self.weight.to(v.dtype).T
+
+    def rmatvec(self, u):
+        return u @ self.weight.to(u.dtype)
+
+    def gram(self, dtype):
+        w = self.weight.to(dtype)
+        return w.T @ w
+
+    def dual_gram(self, dtype):
+        w = self.weight.to(dtype)
+        return w @ w.T

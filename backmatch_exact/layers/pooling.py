@@ -10,6 +10,12 @@ AvgPool2d / AdaptiveAvgPool2d — b_k = Σ_{j∈k} a_j / |K_k|:
 * back-matching: g'_a_j = g_a_j / Σ_{k∋j} |K_k|⁻²   (= |K|·Σ_{k∋j} g_b_k / n_j for equal windows)
 
 Both are ``g_a / ‖J_{:,j}‖²``; only the column norms differ.
+
+Joint (beyond the paper): MaxPool's ``JᵀJ`` is diagonal (each output copies one input), so its joint rule is the
+per-unit one. Average pooling's is not, even without overlap: per channel, ``g'_a = (PᵀP + λI)⁺ Pᵀ g'_b``
+with P the pooling matrix (``PoolInput``). A window of |K| inputs read by no other window gives each
+of them ``g_b_k`` (the least change that moves the mean by ``g_b_k``), where the per-unit rule gives
+``|K|·g_b_k``.
 """
 
 import math
@@ -19,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModuleError
+from ..joint import InputOperator
 from .base import UnitRatioRule
 
 
@@ -58,12 +65,19 @@ def _disjoint_windows(module: nn.MaxPool2d) -> bool:
     return all(s >= d * (k - 1) + 1 for s, d, k in zip(stride, dilation, kernel))
 
 
-class AvgPool2dRule(PoolingRule):
+class AvgPoolRule(PoolingRule):
+    """Average pooling: its joint rule goes through the pooling matrix of one channel (``PoolInput``)."""
+
+    def input_operator(self, module, a: torch.Tensor) -> "PoolInput":
+        return PoolInput(module, tuple(a.shape[-2:]), self.column_sq_norms(module, a))
+
+
+class AvgPool2dRule(AvgPoolRule):
     def column_sq_norms(self, module: nn.AvgPool2d, a: torch.Tensor) -> torch.Tensor:
         return _avg_pool_col_sq(module, tuple(a.shape[-2:]), a.dtype, a.device)
 
 
-class AdaptiveAvgPool2dRule(PoolingRule):
+class AdaptiveAvgPool2dRule(AvgPoolRule):
     def column_sq_norms(self, module: nn.AdaptiveAvgPool2d, a: torch.Tensor) -> torch.Tensor:
         height, width = a.shape[-2:]
         out = module.output_size if isinstance(module.output_size, tuple) else (module.output_size,) * 2
@@ -95,3 +109,42 @@ def _avg_pool_col_sq(module: nn.AvgPool2d, shape, dtype, device) -> torch.Tensor
         entry = row_sums.detach() / members  # the value of J_kj for j in window k
         (col_sq,) = torch.autograd.grad(row_sums, ones, entry)
     return col_sq[0, 0]
+
+
+class PoolInput(InputOperator):
+    """J of one channel of an average pooling layer, P (every channel of every sample is a sample of its own)."""
+
+    def __init__(self, module: nn.Module, in_hw: tuple, col_sq: torch.Tensor):
+        self.module, self.in_hw, self.col_sq = module, in_hw, col_sq.reshape(-1)
+        self.size = in_hw[0] * in_hw[1]
+        self.out_hw = tuple(self._pool(col_sq.new_zeros(1, 1, *in_hw)).shape[-2:])
+        self.out_size = self.out_hw[0] * self.out_hw[1]
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            return F.adaptive_avg_pool2d(x, m.output_size)
+        return F.avg_pool2d(x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
+                            m.divisor_override)
+
+    def matvec(self, v):
+        return self._pool(v.view(-1, 1, *self.in_hw)).reshape(v.shape[0], -1)
+
+    def rmatvec(self, u):
+        z = u.new_zeros(u.shape[0], 1, *self.in_hw, requires_grad=True)
+        with torch.enable_grad():
+            (out,) = torch.autograd.grad(self._pool(z), z, u.view(-1, 1, *self.out_hw))
+        return out.reshape(u.shape[0], -1)
+
+    def _matrix(self, dtype) -> torch.Tensor:
+        """P (out x in), pooled from the unit basis."""
+        basis = torch.eye(self.size, dtype=dtype, device=self.col_sq.device)
+        return self.matvec(basis).T
+
+    def gram(self, dtype):
+        p = self._matrix(dtype)
+        return p.T @ p
+
+    def dual_gram(self, dtype):
+        p = self._matrix(dtype)
+        return p @ p.T

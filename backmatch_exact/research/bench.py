@@ -19,9 +19,15 @@ copies); TF32 is switched off so that float32 means float32.
 Then a few more exact steps run with the engine's timing on (``engine.timing``,
 synchronized spans, so they are slower than the timed ones): the per-layer
 breakdown of what the exact step adds — Gram formation, factorization, solve,
-column norms, signal rescaling — in milliseconds per step.
+column norms, signal rescaling — in milliseconds per step; the same for the
+joint exact step (mode ``exact_joint``: ``signals="joint"``, whose signal solve
+shows as ``signal_gram`` and ``signal``) when it runs. ``exact_joint`` is not in
+the default set of modes: name it in ``--modes``. ``--signal-damping`` sets μ of
+both exact modes (VGG's square convolutions need some for the iterative joint
+solve to converge).
 
     backmatch bench --model lenet --batch-size 128 --threads 2 --out validation/results/bench_cpu_lenet.json
+    backmatch bench --model lenet --batch-size 128 --modes bp exact exact_joint
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from .common import (
     add_batch_size,
     add_options,
     build_model,
+    non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
@@ -53,9 +60,12 @@ from .common import (
     to_json,
 )
 
-MODES = ("plain", "bp", "approx", "exact", "exact_weights")
+MODES = ("plain", "bp", "approx", "exact", "exact_weights", "exact_joint")
+DEFAULT_MODES = MODES[:-1]
 SOLVE_DTYPES = ("", "float32", "float64")  # after "@" in a mode name: attach(solve_dtype=...)
-PARTS = ("gram", "weight_grad", "factor", "solve", "dual", "column_norms", "input_signal")
+PARTS = ("gram", "weight_grad", "factor", "solve", "dual", "column_norms", "input_signal", "signal_gram", "signal")
+#: the modes whose steps get a per-layer breakdown, and the suffix of their report keys
+PROFILED = {"exact": "", "exact_joint": "_exact_joint"}
 
 
 def _sync(device: torch.device):
@@ -67,12 +77,16 @@ def _sync(device: torch.device):
 class _Runner:
     """One mode: its model copy, engine, optimizer and the saved initial state."""
 
-    def __init__(self, mode: str, base: torch.nn.Module, lr: float):
+    def __init__(self, mode: str, base: torch.nn.Module, lr: float, signal_damping: float = 0.0):
         self.mode = mode
         self.model = copy.deepcopy(base)
         engine_mode, _, solve_dtype = mode.partition("@")  # "exact@float64": exact with float64 solves
-        self.engine = None if mode == "plain" else bm.attach(self.model, mode=engine_mode,
-                                                             solve_dtype=getattr(torch, solve_dtype, None))
+        options = dict(solve_dtype=getattr(torch, solve_dtype, None))
+        if engine_mode == "exact_joint":
+            engine_mode, options = "exact", dict(options, signals="joint")
+        if engine_mode == "exact":
+            options["signal_damping"] = signal_damping
+        self.engine = None if mode == "plain" else bm.attach(self.model, mode=engine_mode, **options)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr)
         self.initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
@@ -88,8 +102,8 @@ class _Runner:
 
 
 def run(model: str = "lenet", batch: int = 128, device: str = "cpu", dtype: str = "float32", steps: int = 20,
-        warmup: int = 3, threads: int | None = None, modes=MODES, lr: float = 0.01, profile_steps: int = 3,
-        seed: int = 0, clock: str = "wall", data_spec: str = "synthetic") -> dict:
+        warmup: int = 3, threads: int | None = None, modes=DEFAULT_MODES, lr: float = 0.01, profile_steps: int = 3,
+        seed: int = 0, clock: str = "wall", data_spec: str = "synthetic", signal_damping: float = 0.0) -> dict:
     """Time the modes; return the JSON-ready report (see the module docstring).
 
     ``clock``: ``"wall"`` (``time.perf_counter``, the default and the only one on CUDA) or
@@ -102,13 +116,15 @@ def run(model: str = "lenet", batch: int = 128, device: str = "cpu", dtype: str 
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run(model, batch, device, dtype, steps, warmup, modes, lr, profile_steps, seed, clock, data_spec)
+        return _run(model, batch, device, dtype, steps, warmup, modes, lr, profile_steps, seed, clock, data_spec,
+                    signal_damping)
     finally:
         torch.set_num_threads(previous[0])
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous[1:]
 
 
-def _run(model, batch, device, dtype, steps, warmup, modes, lr, profile_steps, seed, clock, data_spec) -> dict:
+def _run(model, batch, device, dtype, steps, warmup, modes, lr, profile_steps, seed, clock, data_spec,
+         signal_damping) -> dict:
     dev = torch.device(device)
     timer = time.process_time if clock == "cpu" and dev.type != "cuda" else time.perf_counter
     if dev.type == "cuda":
@@ -126,7 +142,7 @@ def _run(model, batch, device, dtype, steps, warmup, modes, lr, profile_steps, s
         x, y = dataset.x_train[:batch], dataset.y_train[:batch]
     base = base.to(dev, torch_dtype).train()
     x, y = x.to(dev, torch_dtype), y.to(dev)
-    runners = [_Runner(mode, base, lr) for mode in modes]
+    runners = [_Runner(mode, base, lr, signal_damping) for mode in modes]
     sync = _sync(dev)
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     peaks: dict[str, int] = {mode: 0 for mode in modes}
@@ -154,6 +170,7 @@ def _run(model, batch, device, dtype, steps, warmup, modes, lr, profile_steps, s
         "config": {"model": model, "batch": batch, "data": data_spec, "device": str(dev), "dtype": dtype,
                    "steps": steps,
                    "warmup": warmup, "threads": torch.get_num_threads(), "lr": lr, "seed": seed,
+                   "signal_damping": signal_damping,
                    "clock": "cpu (process_time)" if timer is time.process_time else "wall (perf_counter)",
                    "torch": torch.__version__, "python": platform.python_version(),
                    "machine": platform.machine(), "cpus": os.cpu_count(),
@@ -177,11 +194,15 @@ def _run(model, batch, device, dtype, steps, warmup, modes, lr, profile_steps, s
     else:
         report["peak_memory_exact_vs_bp"] = None  # CPU: not measured (no allocator statistics)
 
-    exact = next((r for r in runners if r.mode == "exact"), None)
-    if exact is not None and profile_steps > 0:
-        report["breakdown_ms"], report["profiled_step_ms"] = _breakdown(exact, x, y, sync, profile_steps, timer)
-        report["exact_stats"] = [{k: s[k] for k in ("layer", "kind", "d", "samples", "path", "rank", "solve_dtype")}
-                                 for s in exact.engine.stats()]
+    for runner in runners:
+        suffix = PROFILED.get(runner.mode)
+        if suffix is None or profile_steps <= 0:
+            continue
+        report["breakdown_ms" + suffix], report["profiled_step_ms" + suffix] = _breakdown(
+            runner, x, y, sync, profile_steps, timer)
+        keys = ("layer", "kind", "d", "samples", "path", "rank", "solve_dtype") + (
+            ("signal_path", "signal_rank", "signal_iterations", "signal_residual") if suffix else ())
+        report[runner.mode + "_stats"] = [{k: s.get(k) for k in keys} for s in runner.engine.stats()]
     for runner in runners:
         if runner.engine is not None:
             runner.engine.detach()
@@ -229,21 +250,35 @@ def format_report(report: dict) -> str:
                      f"{e.get('vs_bp', float('nan')):>8.3f}{peak:>10}")
     if report.get("peak_memory_exact_vs_bp"):
         lines.append(f"peak memory exact / bp: {report['peak_memory_exact_vs_bp']:.3f}")
-    if "breakdown_ms" in report:
+    for mode, suffix in PROFILED.items():
+        if "breakdown_ms" + suffix not in report:
+            continue
         lines.append("")
-        lines.append(f"exact step, per layer, ms per step (timing on: {report['profiled_step_ms']:.2f} ms per step)")
-        header = f"{'layer':<22}{'path, solve bits':<20}" + "".join(f"{p:>13}" for p in PARTS) + f"{'sum':>9}"
+        lines.append(f"{mode} step, per layer, ms per step (timing on: {report['profiled_step_ms' + suffix]:.2f} ms "
+                     "per step); path: the weight solve's" + (", then the signal solve's (iterations)" if suffix else ""))
+        parts_shown = [p for p in PARTS if suffix or not p.startswith("signal")]
+        header = f"{'layer':<22}{'path':<30}" + "".join(f"{p:>13}" for p in parts_shown) + f"{'sum':>9}"
         lines += [header, "-" * len(header)]
-        paths = {s["layer"]: f"{s['path']} {(s.get('solve_dtype') or '')[5:]}" for s in report.get("exact_stats", [])}
-        sums = {p: 0.0 for p in PARTS}
-        for layer, parts in report["breakdown_ms"].items():
-            row = f"{layer:<22}{paths.get(layer, ''):<20}"
-            for p in PARTS:
+        paths = {s["layer"]: _path_text(s) for s in report.get(mode + "_stats", [])}
+        sums = {p: 0.0 for p in parts_shown}
+        for layer, parts in report["breakdown_ms" + suffix].items():
+            row = f"{layer:<22}{paths.get(layer, ''):<30}"
+            for p in parts_shown:
                 row += f"{parts.get(p, 0.0):>13.3f}"
                 sums[p] += parts.get(p, 0.0)
             lines.append(row + f"{sum(parts.values()):>9.3f}")
-        lines.append(f"{'total':<42}" + "".join(f"{sums[p]:>13.3f}" for p in PARTS) + f"{sum(sums.values()):>9.3f}")
+        lines.append(f"{'total':<52}" + "".join(f"{sums[p]:>13.3f}" for p in parts_shown)
+                     + f"{sum(sums.values()):>9.3f}")
     return "\n".join(lines)
+
+
+def _path_text(stats: dict) -> str:
+    """A layer's solve paths for the breakdown table: the weight solve's, then the signal solve's if any."""
+    text = [stats["path"]] if stats.get("path") else []
+    if stats.get("signal_path") not in (None, "none"):
+        signal = stats["signal_path"]
+        text.append(f"{signal} ({stats['signal_iterations']})" if signal == "iterative" else signal)
+    return " / ".join(text)
 
 
 def mode_names(text: str) -> list[str]:
@@ -266,8 +301,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed rounds first")
     add_options(p, "--threads")
     p.add_argument("--modes", nargs="+", type=mode_names, metavar="MODE",
-                   help=f"the modes to time (default: all of {' '.join(MODES)}); an exact mode may name its "
-                        "solve dtype, e.g. exact@float64")
+                   help=f"the modes to time (default: all of {' '.join(DEFAULT_MODES)}; also exact_joint); an "
+                        "exact mode may name its solve dtype, e.g. exact@float64")
+    p.add_argument("--signal-damping", type=non_negative_float, default=0.0,
+                   help="μ of the exact and exact_joint modes")
     p.add_argument("--lr", type=positive_float, default=0.01, help="learning rate of the SGD step")
     p.add_argument("--profile-steps", type=non_negative_int, default=3,
                    help="exact steps with the per-layer timing on (0: none)")
@@ -281,9 +318,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``backmatch bench``."""
-    modes = tuple(dict.fromkeys(mode for group in args.modes for mode in group)) if args.modes else MODES
+    modes = tuple(dict.fromkeys(mode for group in args.modes for mode in group)) if args.modes else DEFAULT_MODES
     report = run(args.model, args.batch_size, args.device, args.dtype, args.steps, args.warmup, args.threads, modes,
-                 args.lr, args.profile_steps, args.seed, args.clock, args.data)
+                 args.lr, args.profile_steps, args.seed, args.clock, args.data, args.signal_damping)
     print(format_report(report))
     if args.out:
         path = os.path.abspath(args.out)

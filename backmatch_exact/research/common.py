@@ -45,8 +45,11 @@ def build_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float, momentum: float = 0.0, nesterov: bool = False,
-                   weight_decay: float = 0.0, damping: float = 0.0, signal_damping: float = 0.0):
+                   weight_decay: float = 0.0, damping: float = 0.0, signal_damping: float = 0.0,
+                   signals: str = "per_unit"):
     """The optimizer ``name`` for ``model``, and the back-matching engine it needs (None for sgd/lars/lsalr).
+
+    ``signals``: the input signal rule of ``exact`` (``"per_unit"`` or ``"joint"``).
 
     Engine modes get the weight decay through ``attach`` and an SGD with
     ``weight_decay=0``; the others keep it in the optimizer. Detach the engine
@@ -60,7 +63,7 @@ def make_optimizer(name: str, model: nn.Module, lr: float, momentum: float = 0.0
         return cls(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay), None
     if name in ENGINE_MODES:
         engine = bm.attach(model, mode=name, damping=damping, signal_damping=signal_damping,
-                           weight_decay=weight_decay)
+                           weight_decay=weight_decay, signals=signals)
         return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0), engine
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 

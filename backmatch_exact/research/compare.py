@@ -5,7 +5,11 @@ optimizer and, at checkpoints, takes one fixed mini-batch and computes for every
 weight layer the plain backprop gradient ``g_W``, the exact back-matched gradient
 ``g'_W`` (engine mode ``"exact"``) and Algorithm 1's ``g̃_W`` (mode ``"approx"``),
 then measures how far apart they are and which of Algorithm 1's approximations
-is responsible.
+is responsible. A fourth run, exact back-matching with the joint input signal
+(``signals="joint"``, ``backmatch_exact/joint.py``), measures the assumption
+before all of those: that each input unit matches the requested change on its
+own (eq. 11). The chain of approximations is joint → per-unit (the paper's
+exact back-matching) → Algorithm 1.
 
 Every measurement is one engine run on that batch (:func:`engine_pass`). The
 ablations are exact back-matching with some of Algorithm 1's approximations
@@ -75,7 +79,8 @@ class EnginePass:
     ``weight_grads``: per weight layer the ``p.grad`` it left, flat like ``rule.flat_weight``;
     ``input_signals``: per weight layer the signal at its input, captured with a tensor hook;
     ``inputs``: every leaf module's input in this forward pass, in execution order ``(path, module, input)``;
-    ``stats``: ``engine.stats()`` keyed by layer (empty for plain backprop).
+    ``stats``: ``engine.stats()`` keyed by layer (empty for plain backprop);
+    ``output_signals``: per weight layer the signal arriving at its output.
     """
 
     loss: float
@@ -83,6 +88,7 @@ class EnginePass:
     input_signals: dict[str, torch.Tensor]
     inputs: list[tuple[str, nn.Module, torch.Tensor]]
     stats: dict[str, dict]
+    output_signals: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -109,8 +115,16 @@ def engine_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str = 
         if args[0].requires_grad and rule_for(module, path).has_weights:
             args[0].register_hook(lambda g: signals.__setitem__(path, g.detach().clone()))
 
+    outputs: dict[str, torch.Tensor] = {}
+
+    def capture_output(path, module, args, out):
+        if out.requires_grad:
+            out.register_hook(lambda g: outputs.__setitem__(path, g.detach().clone()))
+
     handles = [m.register_forward_pre_hook(functools.partial(capture, path), prepend=True)
                for path, m in _leaves(model)]
+    handles += [m.register_forward_hook(functools.partial(capture_output, path), prepend=True)
+                for path, m in weight_layers]
     engine = bm.attach(model, mode=mode, **attach_args) if mode != "plain" else None
     try:
         model.zero_grad(set_to_none=True)
@@ -123,7 +137,7 @@ def engine_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str = 
             engine.detach()
         for handle in handles:
             handle.remove()
-    return EnginePass(loss.item(), grads, signals, inputs, stats)
+    return EnginePass(loss.item(), grads, signals, inputs, stats, outputs)
 
 
 def _flat_grad(module: nn.Module) -> torch.Tensor:
@@ -218,7 +232,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, damping: float 
     """
     exact_args = dict(damping=damping, signal_damping=signal_damping, damping_scale=damping_scale)
     run = functools.partial(engine_pass, model, x, y)
-    passes = {"bp": run("plain", record_inputs=True), "exact": run("exact", **exact_args), "approx": run("approx")}
+    passes = {"bp": run("plain", record_inputs=True), "exact": run("exact", **exact_args), "approx": run("approx"),
+              "joint": run("exact", signals="joint", **exact_args)}
     ablations = {key: run("exact", approximations=switches, **exact_args)
                  for key, switches in ablation_settings().items()}
     f32 = (engine_pass(float32_model, x.float(), y, "exact", solve_dtype=float32_solve_dtype, **exact_args)
@@ -230,9 +245,34 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, damping: float 
         "loss": passes["bp"].loss,
     }
     calls = passes["bp"].inputs
-    rows = [_layer_row(calls, index, passes, ablations, f32) for index, (path, module, _) in enumerate(calls)
-            if rule_for(module, path).has_weights]
+    rows = [_layer_row(calls, index, passes, ablations, f32) | _joint_columns(calls[index], passes, signal_damping)
+            for index, (path, module, _) in enumerate(calls) if rule_for(module, path).has_weights]
     return rows, checks
+
+
+def _joint_columns(call: tuple, passes: dict[str, EnginePass], signal_damping: float) -> dict:
+    """Per-unit against joint back-matching at one weight layer (the independence assumption of eq. 11).
+
+    ``cos_joint_per_unit``, ``joint_norm_ratio``: the weight gradients ``g'_W`` of the per-unit and the joint
+    runs (cosine; ‖per-unit‖ / ‖joint‖). ``signal_*``: the same for the signals at the layer's input, which
+    compound every layer above. ``local_*``: this layer's rules alone, on the same signal ``g'_b`` at its
+    output (the joint run's): ``Jᵀg'_b / ‖J_{:,j}‖²`` against ``J⁺ g'_b``. ``joint_residual``: the joint
+    solve's relative residual of the normal equations there.
+    """
+    path, module, a = call
+    rule = rule_for(module, path)
+    per_unit, joint = passes["exact"], passes["joint"]
+    g_b = joint.output_signals[path]
+    operator = rule.input_operator(module, a)
+    backprop = operator.rmatvec(operator.out_rows(g_b)).reshape(a.shape)
+    local = rule.signal(module, a, backprop, g_b, signal_damping)
+    columns = {"joint_residual": float(joint.stats[path]["signal_residual"])}
+    for prefix, mine, theirs in (("", per_unit.weight_grads[path], joint.weight_grads[path]),
+                                 ("signal_", per_unit.input_signals[path], joint.input_signals[path]),
+                                 ("local_", local, joint.input_signals[path])):
+        columns[f"{prefix}cos_joint_per_unit"] = cosine(mine, theirs)
+        columns[f"{prefix}joint_norm_ratio"] = ratio(norm(mine), norm(theirs))
+    return columns
 
 
 def _layer_row(calls: list, index: int, passes: dict[str, EnginePass], ablations: dict[str, EnginePass],
@@ -306,14 +346,25 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+#: the ablation row of the independence assumption: exact per-unit back-matching against exact joint
+PER_UNIT = "per_unit"
+PER_UNIT_MEANING = ("(eq. 11) each input unit matches the requested change on its own: exact per-unit "
+                    "back-matching, compared with exact joint back-matching")
+
+
 def ablation_costs(rows: list[dict]) -> dict[str, dict]:
-    """Per ablation key: mean ``1 - cosine`` and mean ``|log10 norm ratio|`` against exact, over all rows."""
+    """Per ablation key: mean ``1 - cosine`` and mean ``|log10 norm ratio|`` over all rows.
+
+    The ``only_*`` / ``without_*`` keys are measured against exact (per-unit) back-matching; :data:`PER_UNIT`,
+    exact per-unit back-matching itself, against exact joint back-matching.
+    """
+    columns = {key: (f"{key}_cos", f"{key}_ratio") for key in ablation_settings()}
+    columns[PER_UNIT] = ("cos_joint_per_unit", "joint_norm_ratio")
     costs = {}
-    for key in ablation_settings():
+    for key, (cos, norm_ratio) in columns.items():
         costs[key] = {
-            "mean_1_minus_cos": _mean(1.0 - r[f"{key}_cos"] for r in rows),
-            "mean_abs_log10_ratio": _mean(abs(math.log10(r[f"{key}_ratio"])) for r in rows
-                                          if r[f"{key}_ratio"] > 0),
+            "mean_1_minus_cos": _mean(1.0 - r[cos] for r in rows),
+            "mean_abs_log10_ratio": _mean(abs(math.log10(r[norm_ratio])) for r in rows if r[norm_ratio] > 0),
         }
     return costs
 
@@ -422,6 +473,24 @@ def findings(rows: list[dict], checks: dict, dtype: str = "float64") -> list[dic
     add(conclusion, f"Mean 1 − cosine to exact of full Algorithm 1 {_number(full, '{:.3f}')}; of Algorithm 1 "
         f"without one approximation: {text}.")
 
+    chain = sorted([PER_UNIT] + [f"only_{n}" for n in names], key=lambda k: -_nan_low(costs[k]["mean_1_minus_cos"]))
+    add(f"Of all the assumptions between exact joint back-matching and Algorithm 1, {chain[0]} costs the "
+        "gradient's direction most.",
+        "Mean 1 − cosine against the rung above (per_unit: exact per-unit against exact joint; only_*: one of "
+        "Algorithm 1's approximations against exact per-unit): "
+        + ", ".join(f"{k} {_number(costs[k]['mean_1_minus_cos'])}" for k in chain) + "; mean |log10 norm ratio|: "
+        + ", ".join(f"{k} {_number(costs[k]['mean_abs_log10_ratio'])}" for k in chain) + ".")
+    worst_layer = min(layers, key=lambda layer: _nan_low(-_mean(1 - r["cos_joint_per_unit"] for r in rows
+                                                                if r["layer"] == layer)))
+    add(f"The independence assumption (per-unit instead of joint input signals) moves {worst_layer}'s update "
+        "most.",
+        f"Cosine of per-unit and joint g'_W {at_steps('cos_joint_per_unit')}; norm ratio ‖per-unit‖/‖joint‖ "
+        f"{at_steps('joint_norm_ratio', '{:.3g}')}. One layer's rule alone on the same g'_b, mean cosine over "
+        "checkpoints: " + ", ".join(
+            f"{layer} {_number(_mean(r['local_cos_joint_per_unit'] for r in rows if r['layer'] == layer))}"
+            for layer in layers)
+        + f"; largest joint solve residual {max(_finite(r['joint_residual'] for r in rows), default=0.0):.1e}.")
+
     spread = gradient_spread(rows)
     exact, bp = spread[last]["exact"], spread[last]["bp"]
     if math.isfinite(exact) and math.isfinite(bp) and exact != bp:
@@ -505,7 +574,9 @@ def _nan_low(value: float) -> float:
 CSV_COLUMNS = (["step", "layer", "kind", "cosine", "norm_ratio", "m_exact", "m_approx", "m_ratio", "cos_bp_exact",
                 "rel_bp", "rel_exact", "rel_approx", "amplification", "den_max_mean", "den_std_mean", "s",
                 "r_approx", "gram_scale", "gram_offdiag", "condition", "bn_var_ratio", "bn_var_spread",
-                "f32_cosine", "f32_rel_diff", "f32_solve_dtype", "train_loss", "eval_loss"]
+                "f32_cosine", "f32_rel_diff", "f32_solve_dtype", "train_loss", "eval_loss", "cos_joint_per_unit",
+                "joint_norm_ratio", "signal_cos_joint_per_unit", "signal_joint_norm_ratio", "local_cos_joint_per_unit",
+                "local_joint_norm_ratio", "joint_residual"]
                + [f"{key}_{what}" for key in ablation_settings() for what in ("cos", "ratio")])
 
 
@@ -720,19 +791,32 @@ def report(summary: dict, rows: list[dict]) -> str:
         _table([r for r in rows if r["step"] in (first, last)],
                ["step", "layer", "cosine", "norm_ratio", "m_exact", "m_approx", "rel_bp", "rel_exact", "rel_approx",
                 "amplification", "den_std_mean", "gram_scale", "bn_var_ratio"]),
-        "",
         "– : no value." + (f" bn_var_ratio is measured at the BatchNorm after a layer, and {', '.join(no_bn)} has "
                            "none after it." if no_bn else ""),
+        "",
+        "## Joint vs per-unit input signals (the independence assumption)",
+        "",
+        "Per-unit: exact back-matching as in the paper; joint: every input unit of a layer co-updated, "
+        "`(JᵀJ + μ m̄ I)⁺ Jᵀ g'_b`. Weights: cosine and norm ratio ‖per-unit‖/‖joint‖ of g'_W; signal: of the "
+        "signals at the layer's input (compounded over the layers above); local: the two rules of this layer "
+        "alone on the same g'_b.",
+        "",
+        _table([r for r in rows if r["step"] in (first, last)],
+               ["step", "layer", "cos_joint_per_unit", "joint_norm_ratio", "signal_cos_joint_per_unit",
+                "signal_joint_norm_ratio", "local_cos_joint_per_unit", "local_joint_norm_ratio", "joint_residual"]),
         "",
         "## Ablations",
         "",
         "Each row is exact back-matching with one of Algorithm 1's approximations made (`only_*`), or Algorithm 1 "
-        "with one of them undone (`without_*`), compared with exact: mean over layers and checkpoints.",
+        "with one of them undone (`without_*`), compared with exact (per-unit) back-matching; `per_unit` is exact "
+        "per-unit back-matching itself compared with exact joint back-matching (`signals=\"joint\"`), the "
+        "assumption below all the others. Mean over layers and checkpoints.",
         "",
-        _table([{"setting": key, "meaning": _ablation_meaning(key),
+        _table([{"setting": key, "compared with": "exact joint" if key == PER_UNIT else "exact per-unit",
+                 "meaning": PER_UNIT_MEANING if key == PER_UNIT else _ablation_meaning(key),
                  "mean 1-cos": costs[key]["mean_1_minus_cos"],
                  "mean abs log10 norm ratio": costs[key]["mean_abs_log10_ratio"]} for key in costs],
-               ["setting", "meaning", "mean 1-cos", "mean abs log10 norm ratio"]),
+               ["setting", "compared with", "meaning", "mean 1-cos", "mean abs log10 norm ratio"]),
         "",
         "## Plots",
         "",
@@ -742,7 +826,9 @@ def report(summary: dict, rows: list[dict]) -> str:
         "`amplification` = mean/min signal denominator (engine stats); `den_*` = spread of the per-unit "
         "denominators; `gram_scale` = mean diag(G)/s; `bn_var_ratio` = mean Var[a]/‖W‖²_{2,µ} at the BatchNorm "
         "after the layer (nan when there is none); `f32_cosine` = float32 exact vs the evaluation dtype's; "
-        "`only_*`/`without_*` = ablations.",
+        "`only_*`/`without_*` = ablations; `cos_joint_per_unit`/`joint_norm_ratio` = per-unit vs joint g'_W (norm "
+        "ratio per-unit/joint), `signal_*` the same for the signal at the layer's input, `local_*` for this layer's "
+        "two rules on the same g'_b, `joint_residual` = the joint solve's relative residual of the normal equations.",
         "",
     ]
     return "\n".join(parts)

@@ -141,6 +141,17 @@ def compare_figures(rows: list[dict], losses: list[float], out: Path, approximat
     _axes(axes[2], f"BatchNorm after the layer: Var[a] vs {NORM_W}", f"mean Var[a] / {NORM_W}")
     _legend_right(fig, axes[0], "layer")
     names.append(_save(fig, out, "amplification.png"))
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    _per_layer_lines(axes[0], rows, "cos_joint_per_unit")
+    axes[0].set(title="cosine(per-unit g'_W, joint g'_W)", xlabel="step")
+    axes[0].legend(fontsize=8)
+    _per_layer_lines(axes[1], rows, "joint_norm_ratio", log=True)
+    axes[1].axhline(1.0, color="grey", lw=0.8)
+    axes[1].set(title="norm ratio ‖per-unit g'_W‖ / ‖joint g'_W‖", xlabel="step")
+    _per_layer_lines(axes[2], rows, "local_cos_joint_per_unit")
+    axes[2].set(title="one layer's rules on the same g'_b: cosine(per-unit, joint)", xlabel="step")
+    names.append(_save(fig, out, "joint.png"))
     return names
 
 

@@ -1,13 +1,14 @@
 """``backmatch train``: train LeNet-BN / VGG-BN with several optimizers on the same weights and batches.
 
-Every configuration (optimizer x learning rate x damping x signal damping x seed)
+Every configuration (optimizer x learning rate x damping x signal damping x signal rule x seed)
 starts from the initial weights its seed gives and sees the batches (and
 augmentations) its seed gives, so configurations with one seed differ only in
 how they turn gradients into steps. Optimizers:
 
 ``sgd``            torch.optim.SGD on backprop gradients (weight decay in the optimizer)
 ``approx``         Algorithm 1: ``bm.attach(mode="approx", weight_decay=wd)`` + SGD(weight_decay=0)
-``exact``          exact back-matching (``damping`` λ, ``signal_damping`` μ), + SGD(weight_decay=0)
+``exact``          exact back-matching (``damping`` λ, ``signal_damping`` μ, ``signals`` per_unit or joint),
+                   + SGD(weight_decay=0)
 ``exact_weights``  exact weight solves on backprop signals (``damping``), + SGD(weight_decay=0)
 ``lars``, ``lsalr``  ``bm.optim.LARS`` / ``LSALR`` on backprop gradients
 
@@ -67,6 +68,7 @@ from tqdm import tqdm
 import backmatch_exact as bm
 
 from .. import data
+from ..joint import SIGNALS
 from .common import (
     MODELS,
     OPTIMIZERS,
@@ -97,13 +99,18 @@ RESUME_KEYS = ("data", "model", "batch_size", "train_subset", "augment", "moment
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One training run: optimizer, learning rate, dampings (exact modes only), seed."""
+    """One training run: optimizer, learning rate, dampings (exact modes only), seed, signal rule (exact only).
+
+    The signal rule is part of the label and key only when it is not the default ``"per_unit"``, so the
+    folders of earlier runs keep their keys.
+    """
 
     optim: str
     lr: float
     damping: float = 0.0
     signal_damping: float = 0.0
     seed: int = 0
+    signals: str = "per_unit"
 
     @property
     def label(self) -> str:
@@ -113,6 +120,8 @@ class Config:
             text += f" λ={self.damping:g}"
         if self.optim == "exact":
             text += f" μ={self.signal_damping:g}"
+        if self.signals != "per_unit":
+            text += f" {self.signals}"
         return text
 
     @property
@@ -123,11 +132,15 @@ class Config:
             text += f"_d{self.damping:g}"
         if self.optim == "exact":
             text += f"_sd{self.signal_damping:g}"
+        if self.signals != "per_unit":
+            text += f"_{self.signals}"
         return f"{text}_seed{self.seed}"
 
 
-def expand_configs(optims, lrs, dampings=(0.0,), signal_dampings=(0.0,), seeds=(0,)) -> list[Config]:
-    """All configurations of the sweep: damping only varies for exact modes, signal damping only for exact."""
+def expand_configs(optims, lrs, dampings=(0.0,), signal_dampings=(0.0,), seeds=(0,), signals=("per_unit",)
+                   ) -> list[Config]:
+    """All configurations of the sweep: damping only varies for exact modes, signal damping and the signal
+    rule only for exact."""
     configs = []
     for optim in optims:
         if optim not in OPTIMIZERS:
@@ -135,8 +148,10 @@ def expand_configs(optims, lrs, dampings=(0.0,), signal_dampings=(0.0,), seeds=(
         for lr in lrs:
             for damping in (dampings if optim in ("exact", "exact_weights") else [0.0]):
                 for signal_damping in (signal_dampings if optim == "exact" else [0.0]):
-                    for seed in seeds:
-                        configs.append(Config(optim, float(lr), float(damping), float(signal_damping), int(seed)))
+                    for rule in (signals if optim == "exact" else ["per_unit"]):
+                        for seed in seeds:
+                            configs.append(Config(optim, float(lr), float(damping), float(signal_damping), int(seed),
+                                                  rule))
     return list(dict.fromkeys(configs))
 
 
@@ -329,7 +344,7 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
     net = model if ranks.size == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device] if device.type == "cuda" else None)
     optimizer, engine = make_optimizer(config.optim, net, config.lr, args.momentum, args.nesterov,
-                                       args.weight_decay, config.damping, config.signal_damping)
+                                       args.weight_decay, config.damping, config.signal_damping, config.signals)
     generator = torch.Generator().manual_seed(config.seed)
     epoch, step, wall, last_loss, initial_loss, status = 0, 0, 0.0, None, None, "done"
     if ckpt is not None:
@@ -555,6 +570,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="λ of exact / exact_weights, relative to mean diag G (swept)")
     parser.add_argument("--signal-damping", nargs="+", type=non_negative_float, default=[0.0],
                         help="μ of exact, relative to the mean signal denominator (swept)")
+    parser.add_argument("--signals", nargs="+", default=["per_unit"], choices=SIGNALS,
+                        help="input signal rule of exact (swept): per_unit (the paper's eq. 11) or joint (co-updated)")
     parser.add_argument("--epochs", type=positive_int, default=10, help="epochs per configuration")
     parser.add_argument("--lr-decay", type=positive_float, default=0.2, help="multiply the lr by this ...")
     parser.add_argument("--decay-every", type=positive_int, default=60, help="... every this many epochs")
@@ -639,7 +656,7 @@ def _run(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> int:
                            f"{ranks.size} processes")
     args.processes = ranks.size
     out = Path(args.out)
-    configs = expand_configs(args.optim, args.lr, args.damping, args.signal_damping, args.seeds)
+    configs = expand_configs(args.optim, args.lr, args.damping, args.signal_damping, args.seeds, args.signals)
     problem = None
     if ranks.leader:
         try:
