@@ -149,6 +149,7 @@ class Engine:
         self._capturing = False  # a forward pass with gradients is running
         self._forwards = 0  # forward passes with gradients so far
         self._ops: list[Op] = []  # this forward pass's ops, in execution order
+        self._input_hooks: list = []  # the handles of this forward pass's hooks on the model's inputs
         self._values: dict[int, tuple[torch.Tensor, Value]] = {}  # during a forward pass: id(tensor) -> its value
         self._approx_plans: dict[tuple, ApproxPlan] = {}  # Algorithm 1 per graph and shapes
         self._approx_step = None  # approx mode: the ops of the last forward pass, for stats()
@@ -229,11 +230,17 @@ class Engine:
             _ATTACHED[module] = self
 
     def detach(self) -> None:
-        """Remove every hook: the model behaves exactly as before :func:`attach`."""
+        """Remove every hook: the model behaves exactly as before :func:`attach`.
+
+        The last step's statistics stay readable (the deferred ones are computed now); everything else the
+        step kept is let go.
+        """
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._remove_module_hooks()
+        self.stats()
+        self._release_step()
         self._pending.clear()
         for module in [self.model] + [layer.module for layer in self.layers]:
             if _ATTACHED.get(module) is self:
@@ -251,19 +258,45 @@ class Engine:
             return None
         self._light_factors = None
         self._expire_statistics()
+        self._release_step()
+        self._forwards += 1
         if self.mode == "approx" and not self.approx_signals:
             key = self._light_key(args)
             if key in self._light:
                 return self._light_begin(key, args)
             self._install_module_hooks()  # a new input shape or structure: record and check this pass
-        self._forwards += 1
-        self._ops, self._values = [], {}
+        self._values = {}
         for x in tensors_requiring_grad(args, {}):
             self._produce(x, None)
         self._capture.inside = 0
         self._capture.__enter__()
         self._capturing = True
         return None
+
+    def _release_step(self) -> None:
+        """Let go of the last forward pass's graph. Its ops hold the layers' inputs and signals, and refer to
+        each other (an op to its values, a value to the ops using it, a layer to its op): unbroken, they would
+        wait for Python's cycle collector, tensors and all."""
+        for op in self._ops:
+            op.inputs, op.values, op.output, op.layer, op.grad_output, op.plain_grads = [], [], None, None, None, {}
+        self._ops = []
+        for handle in self._input_hooks:
+            handle.remove()
+        self._input_hooks.clear()
+        for layer in self.layers:
+            layer.op = None
+
+    def _check_current(self, forward: int, where: str) -> None:
+        """A backward hook of forward pass ``forward``: refuse it unless that pass is the model's last one."""
+        if not self._handles:
+            raise GraphError(f"{where}: this backward pass runs through a forward pass made while the engine "
+                             "was attached, and it has been detached since")
+        if forward != self._forwards:
+            raise GraphError(
+                f"{where}: this backward pass runs through an earlier forward pass of the model than its "
+                "last one; back-matching needs each forward pass's backward before the next forward pass with "
+                "gradients (one loss per forward pass, or the forward passes concatenated into one batch)"
+            )
 
     def _light_key(self, args) -> tuple:
         """What a checked graph is valid for: the inputs' shapes, dtypes and devices, and every module's mode."""
@@ -319,7 +352,9 @@ class Engine:
             op.output, op.output_shape = value, tuple(tensor.shape)
         self._values[id(tensor)] = (tensor, value)
         if self._matched_signals:
-            tensor.register_hook(functools.partial(self._value_signal, value))
+            handle = tensor.register_hook(functools.partial(self._value_signal, self._forwards, value))
+            if op is None:  # a model input outlives the pass (a leaf, or fed again): its hook goes with the pass
+                self._input_hooks.append(handle)
         return value
 
     def _value_of(self, tensor: torch.Tensor, where: str) -> Value:
@@ -377,7 +412,7 @@ class Engine:
                 node = output.grad_fn
                 reader = (layer.rule.autograd_weight_grads(module, node)
                           if self.backend == "fast" and layer.rule.has_weights else None)
-                node.register_prehook(functools.partial(self._output_signal, op, reader is not None))
+                node.register_prehook(functools.partial(self._output_signal, self._forwards, op, reader is not None))
                 if reader is not None:
                     node.register_hook(functools.partial(self._node_grads, op, reader))
             self._produce(output, op)
@@ -476,8 +511,9 @@ class Engine:
             )
 
     # -------------------------------------------------------------- backward
-    def _value_signal(self, value: Value, grad: torch.Tensor):
+    def _value_signal(self, forward: int, value: Value, grad: torch.Tensor):
         """Tensor hook of a value: the back-matched signal from the sum of its consumers' backprop signals."""
+        self._check_current(forward, f"layer {value.producer.path!r}" if value.producer else "the model's input")
         result = self._back_matched(value, grad)
         if self.joint is not None and value.producer is not None:  # a joint consumer's solve reads its g'_b
             value.producer.grad_output = grad if result is None else result
@@ -522,8 +558,9 @@ class Engine:
         return op.rule.denominator(op.module, op.inputs[use.index], self.signal_damping if op.rule.damped else 0.0,
                                    self.approximations, op.approx)
 
-    def _output_signal(self, op: Op, solved_at_node: bool, grad_outputs) -> None:
+    def _output_signal(self, forward: int, op: Op, solved_at_node: bool, grad_outputs) -> None:
         """Pre-hook of a weight or BatchNorm layer's output node: the signal it receives, and its solve."""
+        self._check_current(forward, f"layer {op.path!r}")
         grad = grad_outputs[0]
         if grad is None:
             return None

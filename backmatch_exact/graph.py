@@ -27,8 +27,10 @@ reference cycle through autograd (which Python's collector cannot see).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import traceback
+import weakref
 
 import torch
 from torch import nn
@@ -92,18 +94,19 @@ class Op:
 
 class Capture(TorchFunctionMode):
     """Active during the model's forward pass: hands every torch function called outside a leaf module to
-    ``on_call(func, args, kwargs)``, which runs it."""
+    ``on_call(func, args, kwargs)``, which runs it. A bound method is held weakly (the engine owns its
+    Capture: a strong reference back would make the two a cycle that only Python's collector frees)."""
 
     def __init__(self, on_call):
         super().__init__()
-        self.on_call = on_call
+        self._on_call = weakref.WeakMethod(on_call) if inspect.ismethod(on_call) else (lambda: on_call)
         self.inside = 0  # > 0 while a supported leaf module (or the engine's own hook) runs
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.inside:
             return func(*args, **kwargs)
-        return self.on_call(func, args, kwargs)
+        return self._on_call()(func, args, kwargs)
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))

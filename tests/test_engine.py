@@ -384,6 +384,55 @@ def test_steps_do_not_keep_old_graphs_alive(mode):
         assert [ref() for ref in refs[1:] if ref() is not None] == []
 
 
+@pytest.mark.parametrize("mode", ["exact", "approx"])
+def test_an_input_fed_again_gets_the_same_signal_each_step(mode):
+    """A leaf input that requires grad, used in several steps: each backward computes its signal once (a hook
+    left over from an earlier pass would divide it again, step after step)."""
+    model = _lenet()
+    x, y = _batch(4)
+    x.requires_grad_(True)
+    grads = []
+    with bm.attach(model, mode=mode, approx_signals=True):
+        for _ in range(3):
+            x.grad = None
+            F.cross_entropy(model(x), y).backward()
+            grads.append(x.grad.clone())
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+
+
+@pytest.mark.parametrize("mode, signals", [("exact", "per_unit"), ("exact", "joint"), ("approx", "per_unit")])
+def test_a_step_is_freed_without_the_cycle_collector(mode, signals):
+    """Each step's recorded graph goes when the next forward pass starts, and a detached engine goes as soon
+    as it is dropped, with what its last step kept: by reference counting alone (Python's cycle collector,
+    which can wait many steps and knows nothing of a tensor's size, is switched off here)."""
+    from backmatch_exact.graph import Op
+
+    def live_ops():
+        return sum(isinstance(o, Op) for o in gc.get_objects())
+
+    torch.manual_seed(0)
+    model = bm.models.resnet(8).double()  # (a fan-out: approx mode records every step)
+    x, y = _batch(4)
+    gc.collect()
+    gc.disable()
+    try:
+        engine = bm.attach(model, mode=mode, signals=signals, damping=0.1, signal_damping=0.1)
+        counts = []
+        for _ in range(3):
+            F.cross_entropy(model(x), y).backward()
+            counts.append(live_ops())
+        assert counts[0] > 0 and counts[0] == counts[1] == counts[2]
+        stats = engine.stats()
+        engine.detach()
+        assert engine.stats() == stats  # detach keeps the last step's rows readable
+        assert live_ops() == 0
+        ref = weakref.ref(engine)
+        del engine
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
 def test_statistics_the_answer_does_not_need_are_computed_when_read():
     """residual and amplification come from what the step kept, when stats() asks; the next forward pass lets
     that go, and a row read only then says so with nan instead of describing another step."""

@@ -418,3 +418,21 @@ def test_module_with_weights_called_twice_is_refused():
     with bm.attach(model, mode="exact"):
         with pytest.raises(bm.GraphError, match="'conv'.*twice.*shared weights"):
             model(torch.randn(1, 2, 4, 4))
+
+
+@pytest.mark.parametrize("mode", ["exact", "exact_weights"])
+def test_backward_through_an_older_forward_pass_is_refused(mode):
+    """Two forward passes, then one loss over both (or a detached engine's pass): back-matching solves each
+    forward pass's graph, so it refuses instead of mixing two passes' signals."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).to(DT)
+    x1, x2 = torch.randn(8, 4, dtype=DT), torch.randn(8, 4, dtype=DT)
+    engine = bm.attach(model, mode=mode)
+    loss = model(x1).square().sum() + model(x2).square().sum()
+    with pytest.raises(bm.GraphError, match="'2'.*earlier forward pass"):
+        loss.backward()
+    model(x1).square().sum().backward()  # one pass, one backward: fine again
+    loss = model(x1).square().sum()
+    engine.detach()
+    with pytest.raises(bm.GraphError, match="'2'.*detached"):
+        loss.backward()
