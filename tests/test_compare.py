@@ -46,7 +46,7 @@ def test_evaluate_rows_are_the_engine_runs_they_name():
     assert rows[0]["only_columns_cos"] < 0.999  # (the switch does something at cv1)
 
     # the independence assumption: per-unit against joint, and one layer's two rules on the same g'_b (fc3: W⁺)
-    joint = run(signals="joint")
+    joint = run(signals="joint", record_signals=("input", "output"))
     for row in rows:
         layer = row["layer"]
         assert row["cos_joint_per_unit"] == pytest.approx(

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import functools
 import json
 import math
 import os
@@ -212,6 +214,29 @@ def load_data(spec: str) -> data.Dataset:
         return data.load(spec)
     except (data.DataFormatError, data.MissingFilesError, data.UnsafePickleError) as err:
         raise CommandError(f"--data {spec}: {err}") from None
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (AttributeError, OSError):
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand the heap memory freed so far back to the operating system, where the C library can (glibc's
+    ``malloc_trim``; elsewhere nothing happens).
+
+    A command that runs many engine passes one after another (``compare``: twenty per checkpoint) otherwise
+    keeps the high-water mark of every pass's temporaries, fragmented around what stays alive: the quick
+    start's ``compare`` peaked at 0.58–0.64 GB without it and 0.57–0.61 GB with it (four runs each), for
+    about 1 s of its 18. Called between groups of passes, not after each one: a pass then takes its pages
+    from the system again (after every pass: +35 % time).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def undamped_warning(command: str, configs: list[str]) -> str:

@@ -61,11 +61,11 @@ from .common import (
     non_negative_int,
     positive_float,
     positive_int,
+    return_freed_memory,
     staged_folder,
     to_json,
     undamped_warning,
 )
-from .figures import compare_figures
 
 # --------------------------------------------------------------------------------------------------
 # Engine runs
@@ -78,8 +78,8 @@ class EnginePass:
 
     ``weight_grads``: per weight layer the ``p.grad`` it left, flat like ``rule.flat_weight``;
     ``input_signals``: per weight layer the signal at its input, captured with a tensor hook;
-    ``inputs``: every leaf module's input in this forward pass, in execution order ``(path, module, input)``;
-    ``stats``: ``engine.stats()`` keyed by layer (empty for plain backprop);
+    ``inputs``: every weight and normalization layer's input in this forward pass, in execution order
+    ``(path, module, input)``; ``stats``: ``engine.stats()`` keyed by layer (empty for plain backprop);
     ``output_signals``: per weight layer the signal arriving at its output.
     """
 
@@ -96,29 +96,34 @@ def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def engine_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str = "plain",
-                record_inputs: bool = False, **attach_args) -> EnginePass:
+                record_inputs: bool = False, record_signals: tuple[str, ...] = ("input",),
+                **attach_args) -> EnginePass:
     """Backward of the mean cross-entropy with ``bm.attach(model, mode, **attach_args)`` (``"plain"``: no engine).
 
     A forward pre-hook on each leaf module (placed before the engine's own)
     puts a tensor hook on a weight layer's input that records the signal
-    arriving there: the backprop signal, or the back-matched one, and with
-    ``record_inputs`` keeps every module's input. ``x`` is made to require grad
-    so the first layer's input signal is computed too.
+    arriving there, the backprop signal or the back-matched one (``record_signals``
+    holds ``"input"``), and one on its output (``"output"``); with ``record_inputs``
+    it keeps the inputs of the weight and normalization layers. The weight gradients
+    are always kept (an ablation's run needs no more). ``x`` is made to require grad
+    so the first layer's input signal is computed too. (A comparison runs twenty of
+    these per checkpoint: a pass keeps only what ``evaluate`` reads.)
     """
     weight_layers = [(path, m) for path, m in _leaves(model) if rule_for(m, path).has_weights]
     signals: dict[str, torch.Tensor] = {}
     inputs: list = []
 
     def capture(path, module, args):
-        if record_inputs:
+        rule = rule_for(module, path)
+        if record_inputs and (rule.has_weights or rule.normalizes):
             inputs.append((path, module, args[0].detach()))
-        if args[0].requires_grad and rule_for(module, path).has_weights:
+        if "input" in record_signals and args[0].requires_grad and rule.has_weights:
             args[0].register_hook(lambda g: signals.__setitem__(path, g.detach().clone()))
 
     outputs: dict[str, torch.Tensor] = {}
 
     def capture_output(path, module, args, out):
-        if out.requires_grad:
+        if "output" in record_signals and out.requires_grad:
             out.register_hook(lambda g: outputs.__setitem__(path, g.detach().clone()))
 
     handles = [m.register_forward_pre_hook(functools.partial(capture, path), prepend=True)
@@ -232,18 +237,24 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, damping: float 
     """
     exact_args = dict(damping=damping, signal_damping=signal_damping, damping_scale=damping_scale)
     run = functools.partial(engine_pass, model, x, y)
-    passes = {"bp": run("plain", record_inputs=True), "exact": run("exact", **exact_args), "approx": run("approx"),
-              "joint": run("exact", signals="joint", **exact_args)}
-    ablations = {key: run("exact", approximations=switches, **exact_args)
+    # The order keeps the peak memory down (the quick start's compare: about 0.6 GB, was 1.3): the passes
+    # with the most temporaries (the reference backend's explicit rows, the joint solves) run while few
+    # results are kept, a check's run is dropped once compared, and the freed heap is handed back after
+    # each group of passes.
+    passes = {"exact": run("exact", **exact_args)}
+    checks = {"reference_vs_exact": _largest_gap(passes["exact"], run("exact", backend="reference", **exact_args))}
+    passes["joint"] = run("exact", signals="joint", record_signals=("input", "output"), **exact_args)
+    return_freed_memory()
+    passes["bp"] = run("plain", record_inputs=True)
+    checks["bp_mode_vs_autograd"] = _largest_gap(passes["bp"], run("bp"))
+    passes["approx"] = run("approx")
+    checks["switches_vs_approx"] = _largest_gap(passes["approx"], run("exact", approximations=ALGORITHM1))
+    checks["loss"] = passes["bp"].loss
+    return_freed_memory()
+    ablations = {key: run("exact", approximations=switches, record_signals=(), **exact_args)
                  for key, switches in ablation_settings().items()}
-    f32 = (engine_pass(float32_model, x.float(), y, "exact", solve_dtype=float32_solve_dtype, **exact_args)
-           if float32_model is not None else None)
-    checks = {
-        "reference_vs_exact": _largest_gap(passes["exact"], run("exact", backend="reference", **exact_args)),
-        "switches_vs_approx": _largest_gap(passes["approx"], run("exact", approximations=ALGORITHM1)),
-        "bp_mode_vs_autograd": _largest_gap(passes["bp"], run("bp")),
-        "loss": passes["bp"].loss,
-    }
+    f32 = (engine_pass(float32_model, x.float(), y, "exact", record_signals=(), solve_dtype=float32_solve_dtype,
+                       **exact_args) if float32_model is not None else None)
     calls = passes["bp"].inputs
     rows = [_layer_row(calls, index, passes, ablations, f32) | _joint_columns(calls[index], passes, signal_damping)
             for index, (path, module, _) in enumerate(calls) if rule_for(module, path).has_weights]
@@ -661,6 +672,8 @@ def run(args: argparse.Namespace) -> dict:
         "train_loss": losses,
         "findings": findings(rows, checks, args.eval_dtype),
     }
+    from .figures import compare_figures  # (matplotlib is loaded when the figures are drawn, not during the run)
+
     with staged_folder(out) as stage:
         _write_csv(stage / "layers.csv", rows)
         summary["figures"] = compare_figures(rows, losses, stage, Approximations.names(), costs, spread)
@@ -709,6 +722,7 @@ def _measure(args: argparse.Namespace, dataset: data.Dataset):
                 step_rows, checks = evaluate(copy_of_model(eval_dtype), x_eval, y_eval, args.damping,
                                              args.signal_damping, float32_model=f32,
                                              float32_solve_dtype=getattr(torch, args.float32_solve_dtype, None))
+                return_freed_memory()  # (the evaluation's temporaries, before training goes on)
                 for row in step_rows:
                     row.update(step=step, train_loss=train_loss, eval_loss=checks["loss"])
                 rows += step_rows

@@ -89,7 +89,6 @@ from .common import (
     to_json,
     undamped_warning,
 )
-from .figures import training_curves
 
 #: options that must not change when a run is resumed (they change what an epoch computes);
 #: keep --threads too for bit-identical numbers
@@ -546,6 +545,8 @@ def summarize(out: Path) -> str:
              "the loss of the first training step.",
              "", summary_table(results), ""]
     if results:
+        from .figures import training_curves  # (matplotlib is loaded when the figure is drawn)
+
         training_curves(group_results(results), out / "curves.png")
         text += ["![training curves](curves.png)", ""]
     markdown = "\n".join(text)
