@@ -126,6 +126,21 @@ def setup(model: nn.Module, mode: str, process_group=None):
     return inner, Comm(group, mode)
 
 
+def wait_all(works) -> None:
+    """Wait for every one of ``works``, also when waiting for one fails or is interrupted, then raise the first
+    error: no collective is left running behind the caller (still writing into its tensors, which then
+    only gloo's thread holds)."""
+    error = None
+    for work in works:
+        try:
+            work.wait()
+        except BaseException as exc:  # noqa: BLE001 - Ctrl-C included: wait for the rest first, then raise it
+            if error is None:
+                error = exc
+    if error is not None:
+        raise error
+
+
 class Comm:
     """One engine's exchanges over one process group (``engine.distributed``)."""
 
@@ -182,9 +197,7 @@ class Comm:
     # ------------------------------------------------------- collectives
     def _timed(self, name: str, payload: int, wire: int, launch):
         start = time.perf_counter()
-        works = launch()
-        for work in works:
-            work.wait()
+        wait_all(launch())
         step = self.last_step
         step["collectives"].append(name)
         step["payload_bytes"] += payload

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import backmatch_exact as bm
+from backmatch_exact.distributed import wait_all
 
 WORLD = 2
 SHARD = 4  # samples per rank
@@ -331,6 +332,23 @@ def test_sync_batchnorm_equals_single_process_on_cuda(tmp_path):
         want = _single(_bn_net, x, y, mode)  # one process, plain BatchNorm on the whole batch, CPU float64
         for r in range(WORLD):
             _close(ranks[r][mode], want, rtol=1e-7)
+
+
+# ------------------------------------------------------------------ teardown
+def test_wait_all_waits_for_every_work_before_raising_the_first_error():
+    class Work:
+        def __init__(self, error=None):
+            self.error, self.waited = error, False
+
+        def wait(self):
+            self.waited = True
+            if self.error is not None:
+                raise self.error
+
+    works = [Work(KeyboardInterrupt()), Work(), Work(RuntimeError("second"))]
+    with pytest.raises(KeyboardInterrupt):
+        wait_all(works)
+    assert all(work.waited for work in works)
 
 
 # ------------------------------------------------------------------ arguments
