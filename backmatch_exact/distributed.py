@@ -82,12 +82,22 @@ reads or writes the engine:
 
 from __future__ import annotations
 
+import gc
+import os
+import sys
 import time
+import warnings
 import zlib
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if dist.is_available():
+    # Its functions take ``group=group.WORLD`` as a default argument, evaluated on import: imported after
+    # init_process_group (DistributedDataParallel's constructor imports it) they would hold the default
+    # group, and gloo's threads, until the interpreter finalizes. Imported now they hold None.
+    import torch.distributed.nn  # noqa: F401
 
 from .errors import BackMatchError, GraphError, NonFiniteError, UnsupportedModuleError
 from .weights import ExchangedGram, ExplicitRows, RowSource, Settings
@@ -126,11 +136,90 @@ def setup(model: nn.Module, mode: str, process_group=None):
     return inner, Comm(group, mode)
 
 
+def close_process_group(clean: bool = True) -> None:
+    """Leave ``torch.distributed`` so that none of gloo's threads outlives this call (use it instead of
+    ``dist.destroy_process_group()``).
+
+    gloo runs each collective on a worker thread, which lets go of it (and of the tensors it was
+    given) a moment *after* ``wait()`` has returned. When that is the last reference to a tensor
+    made in Python, freeing it takes the GIL; if the interpreter has meanwhile begun to finalize,
+    Python ends the thread with ``pthread_exit`` inside the work's destructor, which is
+    ``noexcept``: ``std::terminate``, SIGABRT ("terminate called without an active exception").
+    ``destroy_process_group()`` leaves those threads running whenever anything still holds the
+    group (a live ``DistributedDataParallel`` model; ``torch.distributed.nn`` imported after
+    ``init_process_group``, see the import at the top), so they run on into finalization.
+
+    Here, with ``clean``, a barrier first: every rank is done with every collective, so nobody
+    closes a connection a peer still reads (after Ctrl-C or an error pass ``clean=False``: the
+    peers may be gone). Then garbage cycles are collected while the group is still registered,
+    and the group is destroyed: its last reference goes from a ``ProcessGroup`` handle, whose
+    destructor releases the GIL, and gloo's destructor joins its threads now, with the
+    interpreter alive. Free the models that use the group first (return from the function that
+    built them). If gloo threads still run afterwards (listed from /proc: Linux), a clean close
+    raises ``RuntimeError`` and ``clean=False`` warns.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    functional = sys.modules.get("torch.distributed.nn.functional")
+    pinned = functional is not None and any(
+        dist.group.WORLD in (getattr(f, "__defaults__", None) or ()) for f in vars(functional).values())
+    if clean:
+        dist.barrier()
+    gc.collect()  # now, while the group is registered: its last reference must not go in a collection (GIL held)
+    dist.destroy_process_group()
+    left = gloo_threads()
+    if left:
+        holder = ("torch.distributed.nn, imported after init_process_group, holds it as a default argument: "
+                  "import backmatch_exact before init_process_group" if pinned else
+                  "something still holds the process group (a DistributedDataParallel model?): free it first")
+        message = (f"torch.distributed is destroyed but {len(left)} gloo threads still run ({', '.join(left)}): "
+                   f"{holder}; otherwise those threads can abort the interpreter at exit")
+        if clean:
+            raise RuntimeError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+def wait_all(works) -> None:
+    """Wait for every one of ``works``, also when waiting for one fails or is interrupted, then raise the first
+    error: no collective is left running behind the caller (still writing into its tensors, which then
+    only gloo's thread holds)."""
+    error = None
+    for work in works:
+        try:
+            work.wait()
+        except BaseException as exc:  # noqa: BLE001 - Ctrl-C included: wait for the rest first, then raise it
+            if error is None:
+                error = exc
+    if error is not None:
+        raise error
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's gloo threads still running (read from /proc; [] where there is none)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    names = []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                name = f.read().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return sorted(names)
+
+
 class Comm:
     """One engine's exchanges over one process group (``engine.distributed``)."""
 
     def __init__(self, group, mode: str):
-        self.group = group
+        # The default group is named None, as torch.distributed names it: an engine outlives detach() for as
+        # long as its last autograd graph refers to it, and must not keep the group (gloo's threads) alive
+        # past close_process_group meanwhile.
+        self.group = None if group is dist.group.WORLD else group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.global_ranks = []
@@ -182,9 +271,7 @@ class Comm:
     # ------------------------------------------------------- collectives
     def _timed(self, name: str, payload: int, wire: int, launch):
         start = time.perf_counter()
-        works = launch()
-        for work in works:
-            work.wait()
+        wait_all(launch())
         step = self.last_step
         step["collectives"].append(name)
         step["payload_bytes"] += payload

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import backmatch_exact as bm
+from backmatch_exact.distributed import close_process_group, wait_all
 
 WORLD = 2
 SHARD = 4  # samples per rank
@@ -58,8 +59,7 @@ def _cpu_worker(rank, init, out):
     results = {"ddp": _ddp_part(rank), "bn": _bn_part(rank), "residual": _residual_part(rank),
                "bad": _bad_part(rank)}  # bad input last
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    dist.barrier()  # nobody closes its connections while a peer still reads (gloo aborts then)
-    dist.destroy_process_group()
+    close_process_group()  # raises if gloo's threads would outlive it (a model still holding the group)
 
 
 @pytest.fixture(scope="module")
@@ -354,6 +354,12 @@ def test_sync_batchnorm_is_batchnorm_in_one_process():
 def _sync_worker(rank, init, out):
     torch.cuda.set_device(rank % torch.cuda.device_count())  # one GPU: both ranks share it over gloo
     _init(rank, init, device="cuda")
+    results = _sync_part(rank)
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    close_process_group()
+
+
+def _sync_part(rank):
     x, y = (t.cuda() for t in _shard(rank))
     results = {}
     for mode in ("exact", "exact_weights"):
@@ -361,9 +367,7 @@ def _sync_worker(rank, init, out):
         with bm.attach(model, mode=mode):
             _step(model, x, y)
         results[mode] = _grads(model.module)
-    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    dist.barrier()  # nobody closes its connections while a peer still reads (gloo aborts then)
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.mark.cuda
@@ -375,6 +379,24 @@ def test_sync_batchnorm_equals_single_process_on_cuda(tmp_path):
         want = _single(_bn_net, x, y, mode)  # one process, plain BatchNorm on the whole batch, CPU float64
         for r in range(WORLD):
             _close(ranks[r][mode], want, rtol=1e-7)
+
+
+# ------------------------------------------------------------------ teardown
+def test_wait_all_waits_for_every_work_before_raising_the_first_error():
+    class Work:
+        def __init__(self, error=None):
+            self.error, self.waited = error, False
+
+        def wait(self):
+            self.waited = True
+            if self.error is not None:
+                raise self.error
+
+    works = [Work(KeyboardInterrupt()), Work(), Work(RuntimeError("second"))]
+    with pytest.raises(KeyboardInterrupt):
+        wait_all(works)
+    assert all(work.waited for work in works)
+    close_process_group()  # without torch.distributed: nothing to do
 
 
 # ------------------------------------------------------------------ arguments

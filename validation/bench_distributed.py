@@ -30,12 +30,19 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import backmatch_exact as bm
+from backmatch_exact.distributed import close_process_group
 
 
 def _worker(rank: int, procs: int, init: str, args, out: str) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs))
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=procs,
                             timeout=datetime.timedelta(seconds=300))
+    result = _measure(rank, procs, args)  # the DDP model, which holds the process group, is gone now
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    close_process_group()  # barrier, then gloo's threads joined before the interpreter finalizes
+
+
+def _measure(rank: int, procs: int, args) -> dict:
     torch.manual_seed(0)
     model = DDP(bm.models.vgg_bn(11))
     engine = bm.attach(model, mode=args.mode)
@@ -68,10 +75,7 @@ def _worker(rank: int, procs: int, init: str, args, out: str) -> None:
             work.wait()
         alone.append(time.perf_counter() - start)
     params = sum(p.numel() for p in model.parameters())
-    torch.save({"steps": steps, "layers": layers, "alone": alone, "params": params, "last": last},
-               os.path.join(out, f"rank{rank}.pt"))
-    dist.barrier()  # nobody closes its connections while a peer still reads (gloo aborts then)
-    dist.destroy_process_group()
+    return {"steps": steps, "layers": layers, "alone": alone, "params": params, "last": last}
 
 
 def _mb(n: float) -> str:

@@ -67,7 +67,7 @@ from tqdm import tqdm
 
 import backmatch_exact as bm
 
-from .. import data
+from .. import data, distributed
 from ..joint import SIGNALS
 from .common import (
     MODELS,
@@ -633,14 +633,13 @@ def _prepare_folder(out: Path, args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``backmatch train``; returns the exit status (130 when interrupted)."""
     ranks, device = join_process_group(args.device)
+    status = None
     try:
         status = _run(args, ranks, device)
-        if ranks.size > 1 and status == 0:  # (after Ctrl-C the other ranks may be gone: no barrier then)
-            dist.barrier()  # nobody closes its connections while a peer still reads (gloo aborts then)
         return status
     finally:
-        if ranks.size > 1:
-            dist.destroy_process_group()
+        if ranks.size > 1:  # barrier only after a clean run: after Ctrl-C or an error the other ranks may be gone
+            distributed.close_process_group(clean=status == 0)
 
 
 def _run(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> int:
