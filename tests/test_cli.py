@@ -62,30 +62,37 @@ BAD_VALUES = [
     pytest.param(["check", "--device", "cuda"], ["--device must be a device this machine has, got cuda"],
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ]
-#: the ones also run as the real command (each costs a Python start with torch, seconds): one per way of failing
-IN_A_SUBPROCESS = {"train --lr 0.1 nan", "train --resume --overwrite", "compare --data /nonexistent",
-                   "check --device cuda"}
 
 
 def _ids(value):
     return " ".join(value) if isinstance(value[0], str) else ""
 
 
+@pytest.fixture(scope="module")
+def bad_value_runs(tmp_path_factory):
+    """Every bad value of BAD_VALUES run as the real command, all started at once (each is a Python start
+    with torch, seconds): ``{id: (result, its working folder)}``."""
+    started = {}
+    for case in BAD_VALUES:
+        argv = list(case.values[0] if hasattr(case, "values") else case[0])
+        cwd = tmp_path_factory.mktemp("bad")
+        if argv[0] in ("compare", "train"):
+            argv += ["--out", str(cwd / "runs" / "out")]
+        started[_ids(argv[:-2] if argv[0] in ("compare", "train") else argv)] = (argv, cwd, subprocess.Popen(
+            [sys.executable, "-m", "backmatch_exact.cli", *argv], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
+    runs = {}
+    for key, (argv, cwd, process) in started.items():
+        out, err = process.communicate(timeout=300)
+        runs[key] = (subprocess.CompletedProcess(argv, process.returncode, out, err), cwd)
+    return runs
+
+
 @pytest.mark.parametrize("argv, words", BAD_VALUES, ids=_ids)
-def test_a_bad_value_is_one_line_and_status_2(tmp_path, capsys, argv, words):
-    out = tmp_path / "runs" / "out"
-    argv = argv + (["--out", str(out)] if argv[0] in ("compare", "train") else [])
-    if _ids(argv[:-2] if argv[0] in ("compare", "train") else argv) in IN_A_SUBPROCESS:
-        result = backmatch(*argv, cwd=tmp_path)
-    else:
-        try:
-            status = cli.main(argv)
-        except SystemExit as exit_:
-            status = exit_.code
-        captured = capsys.readouterr()
-        result = subprocess.CompletedProcess(argv, status, captured.out, captured.err)
+def test_a_bad_value_is_one_line_and_status_2(bad_value_runs, argv, words):
+    result, cwd = bad_value_runs[_ids(argv)]
     assert_one_line_error(result, *words)
-    assert list(tmp_path.iterdir()) == []  # no output folder, not even an empty one
+    assert list(cwd.iterdir()) == []  # no output folder, not even an empty one
 
 
 def test_an_out_of_range_label_is_one_line_naming_file_and_value(tmp_path):
