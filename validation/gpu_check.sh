@@ -30,10 +30,10 @@ start=$(date +%s)
 echo "tests took $(( $(date +%s) - start )) s"
 
 echo "== bench: LeNet-BN batch 128"
-"$PYTHON" -m backmatch_exact.research.bench --model lenet --batch-size 128 --device "$DEVICE" --steps "$STEPS" \
+"$PYTHON" -m backmatch_exact.cli bench --model lenet --batch-size 128 --device "$DEVICE" --steps "$STEPS" \
     --warmup 3 --profile-steps 3 --out "$OUT_DIR/bench_${TAG}_lenet.json" "$@"
 
 echo "== bench: VGG11-BN batch 128 (CIFAR shapes)"
-"$PYTHON" -m backmatch_exact.research.bench --model vgg11 --batch-size 128 --device "$DEVICE" --steps "$VGG_STEPS" \
+"$PYTHON" -m backmatch_exact.cli bench --model vgg11 --batch-size 128 --device "$DEVICE" --steps "$VGG_STEPS" \
     --warmup 2 --profile-steps 2 --out "$OUT_DIR/bench_${TAG}_vgg11.json" "$@"
 echo "total $(( $(date +%s) - start )) s"
