@@ -243,7 +243,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, damping: float 
     # each group of passes.
     passes = {"exact": run("exact", **exact_args)}
     checks = {"reference_vs_exact": _largest_gap(passes["exact"], run("exact", backend="reference", **exact_args))}
-    passes["joint"] = run("exact", signals="joint", record_signals=("input", "output"), **exact_args)
+    # (an iterative joint solve that stops short is recorded, not raised: joint_residual reports it)
+    passes["joint"] = run("exact", signals="joint", on_no_convergence="record", record_signals=("input", "output"),
+                          **exact_args)
     return_freed_memory()
     passes["bp"] = run("plain", record_inputs=True)
     checks["bp_mode_vs_autograd"] = _largest_gap(passes["bp"], run("bp"))
