@@ -14,7 +14,7 @@ and loaders.
 """
 
 from . import data, models, optim
-from .approx import Approximations
+from .approximations import Approximations
 from .engine import BACKENDS, MODES, Engine, attach
 from .errors import (BackMatchError, GraphError, NonFiniteError, SolveError, UnresolvedSolveWarning,
                      UnsupportedModuleError)

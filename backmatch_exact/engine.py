@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from . import distributed, joint, weights
-from .approx import ApproxPlan, Approximations, PlanOp
+from .approx import ApproxPlan, PlanOp
+from .approximations import Approximations
 from .errors import BackMatchError, GraphError, NonFiniteError, UnresolvedSolveWarning, UnsupportedModuleError
 from .graph import Capture, Op, Use, Value, call_site, tensors_requiring_grad
 from .layers import LayerRule, glue, rule_for
@@ -819,7 +820,7 @@ def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_d
     solve (then give the optimizer weight_decay=0). solve_method: ``"auto"``
     picks the N x N dual form when samples N < d; ``"primal"`` / ``"dual"`` force one.
     approximations: with ``mode="exact"``, make some of Algorithm 1's approximations
-    (names from :class:`~backmatch_exact.approx.Approximations`, e.g. ``["gram"]``,
+    (names from :class:`~backmatch_exact.approximations.Approximations`, e.g. ``["gram"]``,
     or ``"all"``, which equals ``mode="approx"`` without weight decay); the rest of
     the step stays exact. backend: ``"fast"`` (default) or ``"reference"``, the
     plain im2col rows and ``g_W = Sᵀ A`` that every fast path is tested against.

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .approx import ApproxFactors
+from .approximations import ApproxFactors
 from .layers import LayerRule
 
 

@@ -284,7 +284,7 @@ def test_maxpool_disjoint_fast_path_is_bitwise_the_rule(kernel, stride, dilation
     (g_a,) = torch.autograd.grad(out, x, torch.randn(out.shape, generator=gen, dtype=DT))
     rule = MaxPool2dRule()
     assert rule.signal_unchanged(layer, 0.0, bm.Approximations())  # the engine then passes g_a on untouched
-    assert torch.equal(rule.signal(layer, x.detach(), g_a, None, 0.0), g_a)  # which the general rule gives too
+    assert torch.equal(rule.signal(layer, x.detach(), g_a, None, 0.0, bm.Approximations()), g_a)  # which the general rule gives too
 
 
 def test_maxpool_overlapping_windows_keep_the_general_rule():

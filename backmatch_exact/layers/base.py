@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..approximations import ApproxFactors, Approximations
 from ..solver import safe_divide
 from ..weights import ExplicitRows, RowSource
 
-if TYPE_CHECKING:  # (approx.py imports this module)
-    from ..approx import ApproxFactors, Approximations
+if TYPE_CHECKING:
     from ..joint import InputOperator
 
 
@@ -88,7 +88,7 @@ class LayerRule:
     def denominator(self, module, a, signal_damping: float, switches: "Approximations",
                     factors: "ApproxFactors | None"):
         """This layer's part of its input's signal denominator: ``‖J_{:,j}‖² + μ·mean_j ‖J_{:,j}‖²``, or
-        Algorithm 1's estimate of it where a switch says so (``approx.Approximations``). ``factors``: the
+        Algorithm 1's estimate of it where a switch says so (``approximations.Approximations``). ``factors``: the
         layer's Algorithm 1 numbers (m, s, r, c) in this forward pass, when a switch needs them."""
         return damped(self.column_sq_norms(module, a), signal_damping)
 
@@ -96,12 +96,10 @@ class LayerRule:
         """Whether, as its input's only consumer, the layer passes the backprop signal on unchanged."""
         return not self.changes_signal
 
-    def signal(self, module, a, grad_input, grad_output, signal_damping: float, switches=None,
+    def signal(self, module, a, grad_input, grad_output, signal_damping: float, switches: "Approximations",
                factors=None) -> torch.Tensor:
-        """Back-matched ``g'_a`` when this layer is its input's only consumer: numerator over denominator."""
-        from ..approx import Approximations  # (approx.py imports this module)
-
-        switches = switches or Approximations()
+        """Back-matched ``g'_a`` when this layer is its input's only consumer: numerator over denominator
+        (``switches``: which of Algorithm 1's approximations to make, ``Approximations()`` for none)."""
         mu = signal_damping if self.damped else 0.0
         return safe_divide(self.numerator(module, a, grad_input, grad_output, switches),
                            self.denominator(module, a, mu, switches, factors))

@@ -14,7 +14,7 @@ exact back-matching) → Algorithm 1.
 Every measurement is one engine run on that batch (:func:`engine_pass`). The
 ablations are exact back-matching with some of Algorithm 1's approximations
 switched on (``attach(mode="exact", approximations=...)``, see
-``backmatch_exact.approx.Approximations``): each one alone (``only_*``) and all
+``backmatch_exact.approximations.Approximations``): each one alone (``only_*``) and all
 but one (``without_*``). Two cross-checks hold the engine against independent
 computations at every checkpoint: the fast exact backend against the plain
 reference backend (im2col rows, ``g_W = Sᵀ A``), and approx mode (which only
@@ -43,7 +43,7 @@ from tqdm import tqdm
 import backmatch_exact as bm
 
 from .. import data
-from ..approx import ALGORITHM1, DESCRIPTIONS, Approximations
+from ..approximations import ALGORITHM1, DESCRIPTIONS, Approximations
 from ..layers import rule_for
 from ..layers.base import mean_sq_row_norm
 from .common import (
@@ -278,7 +278,7 @@ def _joint_columns(call: tuple, passes: dict[str, EnginePass], signal_damping: f
     g_b = joint.output_signals[path]
     operator = rule.input_operator(module, a)
     backprop = operator.rmatvec(operator.out_rows(g_b)).reshape(a.shape)
-    local = rule.signal(module, a, backprop, g_b, signal_damping)
+    local = rule.signal(module, a, backprop, g_b, signal_damping, Approximations())
     columns = {"joint_residual": float(joint.stats[path]["signal_residual"])}
     for prefix, mine, theirs in (("", per_unit.weight_grads[path], joint.weight_grads[path]),
                                  ("signal_", per_unit.input_signals[path], joint.input_signals[path]),
