@@ -149,3 +149,22 @@ def test_a_diverging_compare_is_one_error_and_keeps_its_checkpoints(tmp_path):
         compare.main(args)
     assert err.value.status == 1
     assert json.loads((tmp_path / "runs" / "out" / "summary.json").read_text())["stopped"]["why"] == "diverged"
+
+
+@pytest.mark.parametrize("make, rescaled", [(lambda: bm.models.lenet_bn(), True), (lambda: bm.models.resnet(8), False)],
+                         ids=["lenet", "resnet8"])
+def test_the_first_finding_says_whether_algorithm1_is_backprop_rescaled(make, rescaled):
+    """On a chain Algorithm 1's g̃_W is backprop's g_W over a scalar, so its cosine to exact is backprop's; at a
+    fan-out (ResNet's shortcut) the consumers' signals are summed each over its own m, and the two differ."""
+    torch.manual_seed(0)
+    model = make().double()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 3, 32, 32, generator=gen, dtype=torch.float64), torch.randint(0, 10, (4,), generator=gen)
+    rows, checks = compare.evaluate(model, x, y, damping=0.1, signal_damping=0.1)
+    gap = max(abs(r["cosine"] - r["cos_bp_exact"]) for r in rows)
+    assert (gap < 1e-9) == rescaled, gap
+    for row in rows:
+        row.update(step=0, train_loss=float("nan"), eval_loss=checks["loss"])
+    first = compare.findings(rows, checks)[0]["numbers"]
+    assert ("only rescales the backprop gradient" in first) == rescaled, first
+    assert ("is not backprop rescaled" in first) == (not rescaled), first

@@ -435,10 +435,16 @@ def findings(rows: list[dict], checks: dict, dtype: str = "float64") -> list[dic
     else:
         conclusion = (f"Algorithm 1's direction departs from exact back-matching's: the cosine drops to "
                       f"{_number(lowest, '{:.3f}')} at {worst['layer']} (step {worst['step']}).")
+    gap = max(abs(r["cosine"] - r["cos_bp_exact"]) for r in rows)
+    if gap < 1e-6:
+        relation = ("Algorithm 1 only rescales the backprop gradient, so this equals cosine(exact, backprop) "
+                    f"(largest gap between the two columns: {gap:.1e}).")
+    else:  # a fan-out: the branches' backward factors m differ, and their sum is not backprop's over one m
+        relation = ("On this network Algorithm 1 is not backprop rescaled layer by layer (where a tensor feeds "
+                    "several layers, it sums the consumers' signals each over its own backward factor), so "
+                    f"cosine(exact, backprop) differs from this by up to {gap:.2g}.")
     add(conclusion, f"cosine(exact g'_W, approx g̃_W) {at_steps('cosine')}; mean over the {len(steps)} "
-        f"checkpoints {_number(_mean(cos_all), '{:.3f}')}. Algorithm 1 only rescales the backprop gradient, so "
-        "this equals cosine(exact, backprop) (largest gap between the two columns: "
-        f"{max(abs(r['cosine'] - r['cos_bp_exact']) for r in rows):.1e}).")
+        f"checkpoints {_number(_mean(cos_all), '{:.3f}')}. " + relation)
 
     factor, row = _largest_factor(rows, "norm_ratio")
     if row is None or factor < 1.5:
