@@ -411,11 +411,13 @@ class Engine:
                 return None
             if layer.output_hook:
                 node = output.grad_fn
-                reader = (layer.rule.autograd_weight_grads(module, node)
-                          if self.backend == "fast" and layer.rule.has_weights else None)
-                node.register_prehook(functools.partial(self._output_signal, self._forwards, op, reader is not None))
-                if reader is not None:
+                reader = layer.rule.autograd_parameter_grads(module, node) if layer.has_parameters else None
+                solved_at_node = reader is not None and layer.rule.has_weights and self.backend == "fast"
+                node.register_prehook(functools.partial(self._output_signal, self._forwards, op, solved_at_node))
+                if solved_at_node:
                     node.register_hook(functools.partial(self._node_grads, op, reader))
+                elif reader is not None and not layer.rule.has_weights:
+                    node.register_hook(functools.partial(self._node_parameter_grads, op, reader))
             self._produce(output, op)
         finally:
             self._capture.inside -= 1
@@ -596,6 +598,14 @@ class Engine:
             return None  # no parameter gradient asked for (autograd.grad w.r.t. inputs only)
         usable = all(grads[name] is not None and grads[name].dtype == module.weight.dtype for name in names)
         self._finish_weights(op, {name: grads[name] for name in names} if usable else None)
+        return None
+
+    def _node_parameter_grads(self, op: Op, reader, grad_inputs, grad_outputs) -> None:
+        """Hook on a normalization layer's output node: autograd's own g_γ, g_β of this call, for the outside-use
+        check in ``_param_grad`` (the solve already ran with the rule's own, in ``_output_signal``)."""
+        for name, grad in reader(grad_inputs).items():
+            if grad is not None and name in op.plain_grads:
+                op.plain_grads[name] = grad
         return None
 
     def _finish_weights(self, op: Op, plain: dict | None) -> None:

@@ -351,6 +351,24 @@ def test_gradient_from_outside_the_module_is_detected():
             loss.backward()
 
 
+@pytest.mark.parametrize("kind", ["batch", "group", "layer"])
+def test_normalization_parameters_checked_against_autograd_by_identity(kind):
+    """A float32 input of 1e18 (a diverging run reached 1e20) makes torch's own g_γ wrong (relative error 1
+    against float64) while the rule's sum is right: the outside-use check compares p.grad with what the
+    normalization's autograd node handed out, so that is no false 'outside' error, and a real outside
+    gradient on γ is still caught."""
+    norm = {"batch": nn.BatchNorm2d(4), "group": nn.GroupNorm(2, 4), "layer": nn.LayerNorm([4, 6, 6])}[kind]
+    torch.manual_seed(0)
+    model = nn.Sequential(norm, nn.Flatten(), nn.Linear(144, 3))
+    x, y = torch.randn(16, 4, 6, 6) + 3, torch.arange(16) % 3
+    with bm.attach(model, mode="exact", damping=0.1):
+        F.cross_entropy(model(x * 1e18), y).backward()
+        assert torch.isfinite(norm.weight.grad).all()
+        loss = F.cross_entropy(model(x), y) + norm.weight.square().sum()
+        with pytest.raises(bm.GraphError, match="'0'.*outside"):
+            loss.backward()
+
+
 def test_exact_mode_on_device(device):
     model = _lenet(device=device).float()
     x, y = _batch(32, device=device, dtype=torch.float32)

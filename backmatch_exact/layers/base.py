@@ -104,6 +104,13 @@ class LayerRule:
         return safe_divide(self.numerator(module, a, grad_input, grad_output, switches),
                            self.denominator(module, a, mu, switches, factors))
 
+    def autograd_parameter_grads(self, module: nn.Module, node):
+        """How to read this call's plain ``{name: g}`` of its own parameters from the ``grad_inputs`` of
+        ``node``, the autograd node that made the layer's output; None when that node does not hand them out.
+        The engine checks ``p.grad`` against them by identity (nothing added outside the module), and a
+        weight layer's fast path solves with them (otherwise ``g_W = Sᵀ A``)."""
+        return None
+
     def input_operator(self, module: nn.Module, a: torch.Tensor) -> "InputOperator":
         """This call's input Jacobian J for the joint signal ``(JᵀJ + λI)⁺ Jᵀ g'_b`` (``joint.py``).
 
@@ -232,11 +239,6 @@ class WeightRule(LayerRule):
         The reference backend always uses ``ExplicitRows(input_rows)``; a fast source must give the same numbers.
         """
         return ExplicitRows(self.input_rows(module, a), a.shape[0] if a.dim() > 1 else 1)
-
-    def autograd_weight_grads(self, module: nn.Module, node):
-        """How to read this call's plain ``{name: g}`` from the ``grad_inputs`` of ``node``, the autograd node
-        that made the layer's output, or None when that node does not hand them out (then ``g_W = Sᵀ A``)."""
-        return None
 
     def denominator(self, module, a, signal_damping, switches, factors):
         """Switch ``columns``: every denominator becomes the mean ``‖Wᵀ‖²_{2,µ}``; ``conv_factor``: divided by c."""

@@ -108,7 +108,7 @@ class Conv2dRule(WeightRule):
             return ExplicitRows(self.input_rows(module, a), a.shape[0])
         return ConvRows(module, a)
 
-    def autograd_weight_grads(self, module: nn.Conv2d, node):
+    def autograd_parameter_grads(self, module: nn.Conv2d, node):
         if node is None or not node.name().startswith("ConvolutionBackward"):
             return None
         # the node's grad_inputs are (g_input, g_W, g_b): g_W in the weight's own dtype, None when not asked for
