@@ -20,4 +20,8 @@ COMMON=(--data default --model resnet20 --epochs "$EPOCHS" --seeds 0 1 2 --batch
         --out "$OUT/train" --resume "$@")
 python -m backmatch_exact.cli train --optim sgd approx lsalr --lr 0.05 "${COMMON[@]}"
 python -m backmatch_exact.cli train --optim lars --lr 0.002 "${COMMON[@]}"
+# exact back-matching, damped: LeNet's setting (lr 0.05, λ = μ = 1) diverges within a dozen steps here; the
+# two others were the best of lr {0.01, 0.002} x λ {1, 10} x μ {1, 10} in a 30-step probe (seed 0)
 python -m backmatch_exact.cli train --optim exact --lr 0.05 --damping 1 --signal-damping 1 "${COMMON[@]}"
+python -m backmatch_exact.cli train --optim exact --lr 0.002 --damping 1 --signal-damping 1 "${COMMON[@]}"
+python -m backmatch_exact.cli train --optim exact --lr 0.01 --damping 10 --signal-damping 1 "${COMMON[@]}"
