@@ -4,7 +4,7 @@
 # damping, LARS, LSALR).
 #
 #   validation/run_resnet.sh [OUT] [more options for both commands, e.g. --threads 1]
-#   EPOCHS=10 validation/run_resnet.sh           # longer (default 3: about 30 min on one CPU core)
+#   EPOCHS=10 validation/run_resnet.sh           # longer (default 3: about 1.5 h on one CPU core)
 #
 # Every call resumes the training; compare is skipped when OUT/compare holds its results.
 set -euo pipefail
@@ -25,3 +25,5 @@ python -m backmatch_exact.cli train --optim lars --lr 0.002 "${COMMON[@]}"
 python -m backmatch_exact.cli train --optim exact --lr 0.05 --damping 1 --signal-damping 1 "${COMMON[@]}"
 python -m backmatch_exact.cli train --optim exact --lr 0.002 --damping 1 --signal-damping 1 "${COMMON[@]}"
 python -m backmatch_exact.cli train --optim exact --lr 0.01 --damping 10 --signal-damping 1 "${COMMON[@]}"
+# the weight solves alone, on backprop's signals (FOOF-like)
+python -m backmatch_exact.cli train --optim exact_weights --lr 0.05 --damping 1 "${COMMON[@]}"
