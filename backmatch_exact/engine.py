@@ -15,6 +15,12 @@ values (``graph.py``: module calls, and the functional glue between them that a
 * every parameter gets a hook that puts that ``g'`` into ``.grad`` in place of
   autograd's gradient.
 
+In the exact modes on one process (``batch_solves=True``) the pre-hook only forms a
+weight layer's problem: the solves wait for the end of the backward pass, a callback
+queued with autograd (``_end_backward``), which factors those of one size together,
+reads the pass's checks back to the host at once and then writes ``.grad``; the
+parameter hooks hand autograd zeros.
+
 A layer whose rule replaces the numerator too (BatchNorm drops its batch-
 statistics coupling) gets an identity autograd Function on its input whose
 backward hands in the replaced numerator. Work the engine has no rule for — an
@@ -34,11 +40,12 @@ import functools
 import math
 import warnings
 import weakref
+from typing import Callable
 
 import torch
 from torch import nn
 
-from . import distributed, joint, weights
+from . import distributed, joint, solver, weights
 from .approx import ApproxPlan, PlanOp
 from .approximations import Approximations
 from .errors import BackMatchError, GraphError, NonFiniteError, UnresolvedSolveWarning, UnsupportedModuleError
@@ -88,6 +95,68 @@ def _is_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+@dataclasses.dataclass(eq=False, slots=True)
+class _Check:
+    """A check of the batched path: 0-d tensors computed on the device, judged once they are read back."""
+
+    values: list
+    verdict: Callable  # the values read ↦ the error to raise, or None
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Queued:
+    """A weight layer's solve formed in backward on the batched path, waiting for the end of the pass."""
+
+    op: Op
+    source: weights.RowSource
+    deferred: weights.Deferred
+
+
+def _read_back(values: list[torch.Tensor]) -> list[float]:
+    """The batched path's host read: values of a whole pass in one transfer (where the step synchronizes)."""
+    if not values:
+        return []
+    device = values[0].device
+    return torch.stack([v.to(device) for v in values]).tolist()
+
+
+def _first_failure(checks: list[_Check], read: list[float]):
+    """The error of the first of ``checks`` (read: their values, in order, then anything else) that fails."""
+    at = 0
+    for check in checks:
+        failure = check.verdict(read[at:at + len(check.values)])
+        if failure is not None:
+            return failure
+        at += len(check.values)
+    return None
+
+
+def _non_finite_error(path: str, kind: str, what: str, shape: tuple) -> NonFiniteError:
+    return NonFiniteError(f"layer {path!r} ({kind}): {what} of shape {shape} contains NaN or infinity")
+
+
+def _non_finite(path: str, kind: str, what: str, shape: tuple, read: list[float]):
+    """Verdict of a finiteness check: its values are finite exactly when the tensor is."""
+    return None if all(math.isfinite(v) for v in read) else _non_finite_error(path, kind, what, shape)
+
+
+def _added_outside(path: str, name: str, read: list):
+    """Verdict of a parameter's own-gradient check, read as (differs, relative gap)."""
+    if not read[0]:
+        return None
+    return GraphError(f"layer {path!r}: parameter {name!r} received a gradient from outside its module "
+                      f"(autograd's differs from the layer's own by {read[1]:.2e} relative); add penalties "
+                      "through attach(weight_decay=...) instead")
+
+
+def _laid_out_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``value`` as autograd would store it in an empty ``.grad``: itself if it has the parameter's strides, else a
+    copy that has them."""
+    if value.stride() == param.stride():
+        return value
+    return torch.empty_like(param).copy_(value)
+
+
 class Engine:
     """Back-matching propagation attached to a model. Create it with :func:`attach`."""
 
@@ -95,7 +164,7 @@ class Engine:
                  damping_scale: str = "relative", weight_decay: float = 0.0, solve_method: str = "auto",
                  process_group=None, approximations=None, backend: str = "fast", approx_signals: bool = False,
                  solve_dtype=None, signals: str = "per_unit", joint_solver: str = "auto", joint_tol: float | None = None,
-                 joint_max_iter: int = 500, on_no_convergence: str = "raise"):
+                 joint_max_iter: int = 500, on_no_convergence: str = "raise", batch_solves: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for name, value in (("damping", damping), ("signal_damping", signal_damping),
@@ -123,6 +192,14 @@ class Engine:
         # torch.distributed (distributed.py): a DDP model is unwrapped to its .module; None when nothing is exchanged
         model, self.distributed = distributed.setup(model, mode, process_group)
         self.model = model
+        self.batch_solves = bool(batch_solves)
+        # the batched path: exact modes on one process (DDP's reducer reads .grad during backward, so under
+        # torch.distributed each solve is done as its signal arrives). The weight solves of a backward pass are
+        # factored at its end, same sizes in one call, and the step's checks are read back once there
+        # (_end_backward); the forward pass's input checks once at its end (_model_end). signals="joint" checks
+        # as it goes: its solves would meet a NaN first and fail with a less clear error.
+        self._batched = self.batch_solves and mode in ("exact", "exact_weights") and self.distributed is None
+        self._deferred_checks = self._batched and signals == "per_unit"
         self.mode = mode
         self.backend = backend
         # approx mode is exact back-matching with every approximation made, and weight gradients scaled instead
@@ -144,7 +221,13 @@ class Engine:
         self.layers = self._collect_layers(model)
         self._paths = {layer.path for layer in self.layers}
         self._stats: dict[str, dict] = {}
-        self._pending: dict[torch.Tensor, torch.Tensor] = {}
+        # param -> its g' for the parameter hook (a _Queued on the batched path until the end of backward)
+        self._pending: dict[torch.Tensor, torch.Tensor | _Queued] = {}
+        self._forward_checks: list[_Check] = []  # the batched path's checks of this forward pass, in order
+        self._backward_checks: list[_Check] = []  # ... of this backward pass
+        self._queue: list[_Queued] = []  # this backward pass's weight solves, in the order formed
+        self._claims: dict[torch.Tensor, bool] = {}  # params whose hook ran: True where .grad was None then
+        self._armed_task = None  # autograd's graph task whose end _end_backward is queued for
         self._handles: list = []
         self._capture = Capture(self._functional)
         self._capturing = False  # a forward pass with gradients is running
@@ -286,6 +369,7 @@ class Engine:
         self._input_hooks.clear()
         for layer in self.layers:
             layer.op = None
+        self._forward_checks, self._backward_checks, self._queue, self._claims = [], [], [], {}
 
     def _check_current(self, forward: int, where: str) -> None:
         """A backward hook of forward pass ``forward``: refuse it unless that pass is the model's last one."""
@@ -326,6 +410,11 @@ class Engine:
         values, self._values = self._values, {}  # (the produced tensors are not kept past the forward pass)
         if output is None:  # the forward pass raised (this hook always runs)
             return None
+        if self._forward_checks:  # the batched path's input checks, read once for the whole pass
+            checks, self._forward_checks = self._forward_checks, []
+            failure = _first_failure(checks, _read_back([v for check in checks for v in check.values]))
+            if failure is not None:
+                raise failure
         if isinstance(output, torch.Tensor) and output.requires_grad and values.get(id(output), (None,))[0] \
                 is not output:
             raise GraphError("the model's output was not made by a supported module or op in its forward pass")
@@ -505,13 +594,20 @@ class Engine:
                 }
 
     def _check_finite(self, t: torch.Tensor, what: str, path: str, module) -> None:
+        kind = type(module).__name__ if module is not None else "op"
+        if self._deferred_checks:  # a device flag, read with the others of the pass
+            if not (t.is_floating_point() and t.numel()):
+                return
+            if not self._capturing:
+                self._arm()
+            checks = self._forward_checks if self._capturing else self._backward_checks
+            values = [t.detach().amax(), t.detach().amin()]  # exact: NaN and ±inf reach one of them, no sum overflows
+            checks.append(_Check(values, functools.partial(_non_finite, path, kind, what, tuple(t.shape))))
+            return
         if not _is_finite(t):
             if self.distributed is not None:  # recorded: every rank raises together at the next exchange
                 return self.distributed.record_bad(path, what)
-            kind = type(module).__name__ if module is not None else "op"
-            raise NonFiniteError(
-                f"layer {path!r} ({kind}): {what} of shape {tuple(t.shape)} contains NaN or infinity"
-            )
+            raise _non_finite_error(path, kind, what, tuple(t.shape))
 
     # -------------------------------------------------------------- backward
     def _value_signal(self, forward: int, value: Value, grad: torch.Tensor):
@@ -567,6 +663,8 @@ class Engine:
         grad = grad_outputs[0]
         if grad is None:
             return None
+        if self._batched:
+            self._arm()
         if not op.output.checked:
             self._check_finite(grad, "signal arriving at the output", op.path, op.module)
         op.grad_output = grad
@@ -626,6 +724,15 @@ class Engine:
             source, signals, exchange = self.distributed.problem(path, local, signals)
         weight = rule.flat_weight(module).detach() if self.settings.weight_decay else None
         scale = op.approx.sharing_factor if self.approximations.gram else None  # Algorithm 1's G ≈ s·I
+        if self._batched and scale is None:  # factored with the others of its size at the end of backward
+            queued = _Queued(op, source, weights.defer(source, flat, signals, weight, self.settings, path,
+                                                       self.timing))
+            self._queue.append(queued)
+            for name in op.plain_grads:
+                self._pending[getattr(module, name)] = queued
+            if self.joint is not None:  # this pass's row: the joint signal's statistics join it before the solve ends
+                self._stats[path] = {"layer": path, "kind": type(module).__name__}
+            return
         try:
             if self.distributed is not None and self.distributed.failed:
                 raise _Skipped  # the step fails at the next check anyway: skip the work
@@ -638,18 +745,26 @@ class Engine:
             solved, info = torch.zeros_like(flat), None
         for name, value in rule.unflatten(module, solved).items():
             self._pending[getattr(module, name)] = value
-        if info is None:
-            return
+        if info is not None:
+            self._record(op, source, info, exchange)
+
+    def _record(self, op: Op, source: weights.RowSource, info, exchange: str | None = None,
+                joined: dict | None = None) -> None:
+        """A weight layer's stats row, from its solve's ``info`` and what ``joined`` this pass's row before it (the
+        joint signal's statistics, on the batched path); the first unresolved solve warns."""
+        module, path = op.module, op.path
         with self.timing.part(path, "column_norms"):
-            col_sq = rule.column_sq_norms(module, op.input)  # this step's weights; reduced if read
+            col_sq = op.rule.column_sq_norms(module, op.input)  # this step's weights; reduced if read
         amplification = functools.partial(signal_amplification, col_sq, self.signal_damping)
         row = weights.stats_row(path, type(module).__name__, source, module.weight.shape[0], info, amplification)
         if exchange is not None:
             row["exchange"] = exchange
+        if joined:
+            row.update((key, value) for key, value in joined.items() if key not in row)
         self._stats[path] = row
         if not info.resolved and not self._warned_unresolved:
             self._warned_unresolved = True
-            warnings.warn(weights.unresolved_message(path, info), UnresolvedSolveWarning, stacklevel=2)
+            warnings.warn(weights.unresolved_message(path, info), UnresolvedSolveWarning, stacklevel=3)
 
     def _solve_parameters(self, op: Op, grad: torch.Tensor) -> None:
         """The closed-form back-matched gradients of a layer's own parameters (a normalization's γ, β)."""
@@ -728,31 +843,90 @@ class Engine:
             else:
                 op.inputs = []  # finite g_W: the input was finite; release it as plain backprop would
             return scaled
-        solved = self._pending.pop(param, None)
+        if self._batched:
+            self._arm()
+        solved = self._pending.get(param) if self._batched else self._pending.pop(param, None)
         ours = op.plain_grads.get(name) if op is not None else None
         if solved is None or ours is None:
             raise GraphError(
                 f"layer {layer.path!r}: parameter {name!r} received a gradient that did not pass through the "
                 "layer's output (used outside its module?)"
             )
-        if grad is ours:  # autograd's gradient of this very call (taken off its node), nothing added outside
+        if grad is not ours:  # not autograd's gradient of this very call (taken off its node): compare
+            self._check_own_gradient(layer.path, name, grad, ours, op.plain_grads.values())
+        if not self._batched:
             return solved
+        # .grad is written at the end of backward (_end_backward), where g' exists: zeros now, so that what
+        # autograd accumulates is exactly what .grad held before this pass
+        self._claims[param] = param.grad is None
+        return torch.zeros_like(grad)
+
+    def _check_own_gradient(self, path: str, name: str, grad: torch.Tensor, ours: torch.Tensor, layer_grads) -> None:
+        """Refuse a parameter gradient that differs from the layer's own: something outside its module added to it."""
         gap = torch.linalg.vector_norm(grad - ours)
         # measured against the whole layer's gradient: a bias right before a normalization has a gradient that is
         # rounding noise in both computations, which must not read as a 100% difference
-        layer_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in
-                                                           op.plain_grads.values()]))
+        layer_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in layer_grads]))
         scale = torch.maximum(torch.linalg.vector_norm(grad), layer_norm)
         # two computations of one g_W differ by their summation order: measured up to 2e-4 of the layer's
         # gradient in float32 and 3.4·eps in float16 (half products partly summed in half), hence 16·eps on top
         tolerance = 1e-3 + 16 * torch.finfo(grad.dtype).eps
-        if bool(gap > tolerance * scale + torch.finfo(grad.dtype).tiny):
-            raise GraphError(
-                f"layer {layer.path!r}: parameter {name!r} received a gradient from outside its module "
-                f"(autograd's differs from the layer's own by {float(gap / scale):.2e} relative); add penalties "
-                "through attach(weight_decay=...) instead"
-            )
-        return solved
+        outside = gap > tolerance * scale + torch.finfo(grad.dtype).tiny
+        if self._batched:  # read with the step's other checks
+            self._backward_checks.append(_Check([outside, gap / scale], functools.partial(_added_outside, path, name)))
+        elif bool(outside):
+            raise _added_outside(path, name, [True, float(gap / scale)])
+
+    def _arm(self) -> None:
+        """The batched path's first hook of a backward pass: a fresh record, and ``_end_backward`` queued for the
+        pass's end. Autograd's graph task id tells the passes apart (a ``retain_graph`` pass again, a pass that
+        raised before its end and left its record behind)."""
+        task = torch._C._current_graph_task_id()
+        if task == self._armed_task:
+            return
+        self._armed_task = task
+        self._queue, self._claims, self._backward_checks = [], {}, []
+        self._pending.clear()
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+
+    def _end_backward(self) -> None:
+        """The end of a backward pass on the batched path: its weight solves factored (one call per form, size,
+        dtype and device: ``solver.factor_batch``), every check of the pass read back in one transfer, the
+        first failed one raised in the order recorded, each solve finished (a Cholesky its pivots do not prove
+        goes the per-layer way on, ``weights.complete``), then ``.grad`` written for the parameters whose hooks
+        ran. A pass that raises leaves ``.grad`` as it was before it."""
+        queue, claims, checks = self._queue, self._claims, self._backward_checks
+        self._queue, self._claims, self._backward_checks = [], {}, []
+        try:
+            with torch.no_grad():
+                factored = solver.factor_batch([queued.deferred.problem for queued in queue],
+                                               [queued.op.path for queued in queue], self.timing)
+                read = _read_back([v for check in checks for v in check.values] +
+                                  [v for _, _, values in factored for v in values])
+                failure = _first_failure(checks, read)
+                if failure is not None:
+                    raise failure
+                at = sum(len(check.values) for check in checks)
+                for queued, (answer, residual, values) in zip(queue, factored):
+                    op, part = queued.op, read[at:at + len(values)]
+                    at += len(values)
+                    solved, info = weights.complete(queued.deferred, answer, residual, part, op.path, self.timing)
+                    for name, value in op.rule.unflatten(op.module, solved).items():
+                        self._pending[getattr(op.module, name)] = value
+                    self._record(op, queued.source, info, joined=self._stats.get(op.path))
+                for param, empty in claims.items():
+                    value = _laid_out_like(self._pending.pop(param), param)
+                    if empty:
+                        param.grad = value
+                    else:
+                        param.grad.add_(value)  # (+ the hook's zeros: exactly what .grad held, then + g')
+        except BaseException:
+            for param, empty in claims.items():
+                if empty:
+                    param.grad = None  # (autograd stored the hook's zeros there)
+            raise
+        finally:
+            self._pending.clear()
 
     # ------------------------------------------------------------ diagnostics
     def stats(self) -> list[dict]:
@@ -817,7 +991,7 @@ def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_d
            damping_scale: str = "relative", weight_decay: float = 0.0, solve_method: str = "auto",
            process_group=None, approximations=None, backend: str = "fast", approx_signals: bool = False,
            solve_dtype=None, signals: str = "per_unit", joint_solver: str = "auto", joint_tol: float | None = None,
-           joint_max_iter: int = 500, on_no_convergence: str = "raise") -> Engine:
+           joint_max_iter: int = 500, on_no_convergence: str = "raise", batch_solves: bool = True) -> Engine:
     """Make ``loss.backward()`` on ``model`` compute back-matching propagation.
 
     mode: ``"bp"`` (hooks attached, values unchanged), ``"exact"`` (back-matched
@@ -851,6 +1025,13 @@ def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_d
     solves, 1e-10 for float64); joint_max_iter: its iteration cap; on_no_convergence:
     ``"raise"`` (:class:`SolveError`) or ``"record"`` (keep the last iterate,
     ``signal_converged=False`` in ``stats()``).
+    batch_solves: in the exact modes on one process (default True), each backward pass
+    forms its weight solves as the signals arrive and factors them at its end, the
+    matrices of one size in one batched ``torch.linalg`` call; everything the step checks
+    (the Cholesky pivots, NaN in the signals) is read back to the host at once there, and
+    the forward pass's input checks once at its end. ``.grad`` is written then, and is
+    the same as with False, which solves and checks each layer as its signal arrives
+    (as every step under torch.distributed does).
     process_group: data parallelism over torch.distributed (``distributed.py``). A
     ``DistributedDataParallel`` model is unwrapped (hooks on ``model.module``,
     ``engine.model`` is that module) and exchanges over ``model.process_group``
@@ -868,4 +1049,4 @@ def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_d
     """
     return Engine(model, mode, damping, signal_damping, damping_scale, weight_decay, solve_method, process_group,
                   approximations, backend, approx_signals, solve_dtype, signals, joint_solver, joint_tol,
-                  joint_max_iter, on_no_convergence)
+                  joint_max_iter, on_no_convergence, batch_solves)

@@ -28,12 +28,22 @@ and the answer points elsewhere than float64's.
 :func:`primal_solve` (factor the d x d ``G + λI``) and :func:`dual_solve` (factor
 the N x N ``AAᵀ + λB·I``, cheaper when N < d) are thin callers of it.
 ``weights.py`` decides which one a layer uses.
+
+A solve can also be formed first and factored later (a :class:`Problem`, from
+:func:`primal_problem` or :func:`dual_problem`): :func:`factor_batch` factors the
+problems of one form, size, dtype and device in one call and reads nothing back,
+so that the caller reads every problem's checks in the same host sync; then
+:func:`accept` takes the answer where the pivots prove it and :func:`eigh_solve`
+goes on where they do not. :func:`solve` is the same for one problem, read at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import math
+from typing import Callable
 
 import torch
 
@@ -87,11 +97,78 @@ def max_cholesky_condition(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps ** -0.5
 
 
-def absolute_damping(diagonal_mean: torch.Tensor, damping: float, relative: bool) -> float:
-    """λ to add to G: ``damping`` itself, or ``damping · mean(diag G)``."""
+def absolute_damping(diagonal_mean: torch.Tensor, damping: float, relative: bool):
+    """λ to add to G: ``damping`` itself, or ``damping · mean(diag G)`` as a float64 tensor on G's device (the
+    product Python's float would give): nothing is read back to the host here, λ is read with the checks."""
     if damping == 0.0:
         return 0.0
-    return damping * float(diagonal_mean) if relative else damping
+    return damping * diagonal_mean.double() if relative else damping
+
+
+@dataclasses.dataclass(eq=False)
+class Problem:
+    """One weight solve ``rhs · matrix⁺``, formed and not yet factored (:func:`primal_problem`, :func:`dual_problem`).
+
+    :func:`solve` factors it on its own; :func:`factor_batch` with others of its form and size, then
+    :func:`accept` or :func:`eigh_solve` finish it.
+    """
+
+    form: str  # "" (primal) or "dual-": the prefix of SolveInfo.path
+    matrix: torch.Tensor  # (groups x) size x size, λ added, in the solve dtype
+    rhs: torch.Tensor  # (groups x) r x size, in the solve dtype
+    damping: torch.Tensor | float  # absolute λ (a device tensor when relative: absolute_damping)
+    answer: Callable  # x = rhs · matrix⁺ ↦ (g'_W in the solve dtype, its residual as a callable)
+    dtype: torch.dtype  # the gradient's: g'_W is returned in it
+
+
+def primal_problem(gram: torch.Tensor, grad: torch.Tensor, damping: float = 0.0,
+                   relative_damping: bool = True) -> Problem:
+    """``grad · (G + λI)⁺`` from the d x d Gram ``G = AᵀA / B`` (or a batch of them, one λ for all), in ``gram``'s
+    dtype."""
+    g = grad.to(gram.dtype)
+    lam = absolute_damping(torch.diagonal(gram, dim1=-2, dim2=-1).mean(), damping, relative_damping)
+    matrix = gram
+    if damping:
+        matrix = gram.clone()
+        matrix.diagonal(dim1=-2, dim2=-1).add_(lam)
+
+    def answer(x):
+        return x, functools.partial(_primal_residual, x, matrix, g)  # (g = 0 gives x = 0 and a residual of 0)
+
+    return Problem("", matrix, g, lam, answer, grad.dtype)
+
+
+def dual_problem(kernel: torch.Tensor, signals: torch.Tensor, grad: torch.Tensor, batch_size: int, times_rows,
+                 d: int, damping: float = 0.0, relative_damping: bool = True) -> Problem:
+    """The dual (push-through) form ``grad · (G + λI)⁺ = B · Sᵀ (AAᵀ + λB·I)⁺ A``, for N < d.
+
+    ``kernel``: ``K = AAᵀ`` (N x N; overwritten), in the solve dtype; ``signals``: S (N x n);
+    ``times_rows(C)``: ``C·A``. ``grad`` must be ``Sᵀ A`` exactly (no weight
+    decay, which lies outside A's row space); only its norm is read. λ comes
+    from ``mean diag G = tr(K) / (B·d)``. The residual of the normal equations is
+    ``‖R A‖ / ‖g‖`` with ``R = C (K + λB·I) - Sᵀ``, which is ``x (G + λI) - g``.
+    All may carry one leading batch dimension, as in :func:`primal_problem`.
+    """
+    s = signals.to(kernel.dtype)
+    diagonal = torch.diagonal(kernel, dim1=-2, dim2=-1)
+    lam = absolute_damping(diagonal.mean() * kernel.shape[-1] / (batch_size * d), damping, relative_damping)
+    if damping:
+        diagonal.add_(lam * batch_size)
+
+    def answer(coeffs):  # coeffs = Sᵀ K⁺
+        return batch_size * times_rows(coeffs), functools.partial(_dual_residual, times_rows, coeffs, kernel, s,
+                                                                 grad)
+
+    return Problem("dual-", kernel, s.mT, lam, answer, grad.dtype)
+
+
+def solve(problem: Problem, layer: str = "", timing: Timing = NO_TIMING, cholesky_only: bool = False):
+    """``(g'_W, SolveInfo)`` for ``problem`` factored on its own (:func:`factor_solve`; λ and the checks are read
+    back here); None where ``cholesky_only`` and the pivots do not prove the matrix."""
+    factored = factor_solve(problem.matrix, problem.rhs, layer, timing, cholesky_only)
+    if factored is None:
+        return None
+    return _conclude(problem, factored, float(problem.damping), layer)
 
 
 def factor_solve(matrix: torch.Tensor, rhs: torch.Tensor, layer: str = "", timing: Timing = NO_TIMING,
@@ -106,21 +183,131 @@ def factor_solve(matrix: torch.Tensor, rhs: torch.Tensor, layer: str = "", timin
     floor, the kept ones when resolved. ``cholesky_only``: None instead of the eigendecomposition when
     the pivots do not prove ``matrix``.
     """
-    size, dtype = matrix.shape[-1], matrix.dtype
     with timing.part(layer, "factor"):
         chol, info = torch.linalg.cholesky_ex(matrix)
-        pivots = torch.diagonal(chol, dim1=-2, dim2=-1)
-        condition = ((pivots.amax(-1) / pivots.amin(-1)) ** 2).max()
+        conditions = _pivot_conditions(chol)
     with timing.part(layer, "solve"):
-        # rhs·(L Lᵀ)⁻¹ by two triangular solves from the right: no transposed copies of rhs and x
-        x = torch.linalg.solve_triangular(chol, torch.linalg.solve_triangular(chol.mT, rhs, upper=True, left=False),
-                                          upper=False, left=False)
-        # one read-back for all three checks: a NaN or inf anywhere in x makes the second entry NaN
-        failed, condition = torch.stack([info.abs().max().to(dtype), condition + 0.0 * x.sum()]).tolist()
-    if failed == 0 and condition < max_cholesky_condition(dtype):
-        return x, "cholesky", size * (matrix.numel() // (size * size)), condition, "", True
+        x = _solve_factored(rhs, chol)
+        failed, condition = torch.stack(_checks(info, conditions, x)).tolist()  # one read-back for all three
+    if failed == 0 and condition < max_cholesky_condition(matrix.dtype):
+        return x, "cholesky", _rank(matrix), condition, "", True
     if cholesky_only:
         return None
+    return _eigh_solve(matrix, rhs, layer, timing)
+
+
+def factor_batch(problems: list[Problem], layers: list[str], timing: Timing = NO_TIMING) -> list[tuple]:
+    """Cholesky solutions of ``problems`` with one ``torch.linalg.cholesky_ex`` per group of the same form, size,
+    dtype and device, reading nothing back.
+
+    Within a group the problems with right sides of one shape are solved together (one pair of triangular solves). Per
+    problem ``(answer, residual, values)``: the answer as ``problem.answer`` gives it, and the 0-d tensors
+    :func:`accept` needs read back: the factorization's status, the pivot condition (nan where the solution
+    is not finite), λ where it is a tensor, and for the dual form the answer's extremes (``C·A`` is not the
+    solution the condition checks). On the CPU a batched call factors each matrix as the single call would.
+    ``layers``: the problems' layer names, for ``timing`` (a group of several is timed as "batched <size>").
+    """
+    results = [None] * len(problems)
+    groups: dict[tuple, list[int]] = {}
+    for i, problem in enumerate(problems):
+        matrix = problem.matrix
+        groups.setdefault((problem.form, matrix.shape[-1], matrix.dtype, matrix.device), []).append(i)
+    for (form, size, _, _), members in groups.items():
+        members.sort(key=lambda i: problems[i].rhs.shape[-2])  # equal right sides side by side
+        counts = [problems[i].matrix.numel() // (size * size) for i in members]  # (a grouped conv: several)
+        matrices = [problems[i].matrix.reshape(-1, size, size) for i in members]
+        name = layers[members[0]] if len(members) == 1 else f"batched {form}{size}"
+        with timing.part(name, "factor"):
+            chol, info = torch.linalg.cholesky_ex(matrices[0] if len(matrices) == 1 else torch.cat(matrices))
+            conditions = _pivot_conditions(chol)
+        with timing.part(name, "solve"):
+            start = 0
+            for _, run in itertools.groupby(zip(members, counts), key=lambda pair: problems[pair[0]].rhs.shape[-2]):
+                run = list(run)
+                rhs = [problems[i].rhs.reshape(count, *problems[i].rhs.shape[-2:]) for i, count in run]
+                stop = start + sum(count for _, count in run)
+                solved = _solve_factored(rhs[0] if len(rhs) == 1 else torch.cat(rhs), chol[start:stop])
+                offset = 0
+                for i, count in run:
+                    problem, mine = problems[i], slice(start + offset, start + offset + count)
+                    x = solved[offset:offset + count]
+                    offset += count
+                    answer, residual = problem.answer(x.reshape(problem.rhs.shape))
+                    values = _checks(info[mine], conditions[mine], x)
+                    if isinstance(problem.damping, torch.Tensor):
+                        values.append(problem.damping)
+                    if form:
+                        values += [answer.amax(), answer.amin()]  # (NaN propagates through both)
+                    results[i] = answer, residual, values
+                start = stop
+    return results
+
+
+def accept(problem: Problem, answer: torch.Tensor, residual, read: list[float], layer: str = ""):
+    """:func:`factor_batch`'s answer to ``problem`` as :func:`solve` gives it, from its ``values`` read back; None
+    where the pivots do not prove the matrix (then :func:`eigh_solve`, as :func:`solve` would go on)."""
+    failed, condition, damping, extremes = _unpack(problem, read)
+    if failed != 0 or not condition < max_cholesky_condition(problem.matrix.dtype):
+        return None
+    path = problem.form + "cholesky"
+    if not all(math.isfinite(v) for v in extremes):
+        raise NonFiniteError(f"layer {layer}: the back-matched weight gradient is not finite ({path} solve)")
+    matrix = problem.matrix
+    return answer.to(problem.dtype), SolveInfo(path, matrix.shape[-1], _rank(matrix), condition, damping, residual,
+                                               "", True, matrix.dtype, _groups(matrix))
+
+
+def eigh_solve(problem: Problem, read: list[float], layer: str = "", timing: Timing = NO_TIMING):
+    """:func:`solve` past a Cholesky its pivots did not prove (``read``: as for :func:`accept`): the
+    eigendecomposition of ``problem``'s matrix."""
+    damping = _unpack(problem, read)[2]
+    return _conclude(problem, _eigh_solve(problem.matrix, problem.rhs, layer, timing), damping, layer)
+
+
+def _unpack(problem: Problem, read: list[float]) -> tuple:
+    """``(status, condition, λ, the dual answer's extremes)`` from :func:`factor_batch`'s values read back."""
+    failed, condition, *rest = read
+    damping = rest.pop(0) if isinstance(problem.damping, torch.Tensor) else problem.damping
+    return failed, condition, damping, rest
+
+
+def _conclude(problem: Problem, factored: tuple, damping: float, layer: str):
+    x, path, rank, condition, fallback, resolved = factored
+    answer, residual = problem.answer(x)
+    path = problem.form + path
+    _check_finite(answer, path, layer)
+    matrix = problem.matrix
+    return answer.to(problem.dtype), SolveInfo(path, matrix.shape[-1], rank, condition, damping, residual, fallback,
+                                               resolved, matrix.dtype, _groups(matrix))
+
+
+def _pivot_conditions(chol: torch.Tensor) -> torch.Tensor:
+    """``(max/min pivot)²`` of each factor."""
+    pivots = torch.diagonal(chol, dim1=-2, dim2=-1)
+    return (pivots.amax(-1) / pivots.amin(-1)) ** 2
+
+
+def _solve_factored(rhs: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
+    # rhs·(L Lᵀ)⁻¹ by two triangular solves from the right: no transposed copies of rhs and x (one
+    # cholesky_solve call was no faster in the measured step, and slower for many right sides)
+    return torch.linalg.solve_triangular(chol, torch.linalg.solve_triangular(chol.mT, rhs, upper=True, left=False),
+                                         upper=False, left=False)
+
+
+def _checks(info: torch.Tensor, conditions: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
+    """The status and pivot condition of one problem's factors; a NaN or inf anywhere in ``x`` makes the second NaN."""
+    return [info.abs().max().to(conditions.dtype), conditions.max() + 0.0 * x.sum()]
+
+
+def _rank(matrix: torch.Tensor) -> int:
+    """The rank of ``matrix`` (summed over a batch) where its Cholesky is accepted: full."""
+    size = matrix.shape[-1]
+    return size * (matrix.numel() // (size * size))
+
+
+def _eigh_solve(matrix: torch.Tensor, rhs: torch.Tensor, layer: str, timing: Timing):
+    """:func:`factor_solve` by the eigendecomposition, cutting eigenvalues below ``size·eps·λ_max``."""
+    size, dtype = matrix.shape[-1], matrix.dtype
     with timing.part(layer, "factor"):
         evals, evecs, fallback = _eigh(matrix, layer)
         eps, top = torch.finfo(dtype).eps, evals.amax(-1, keepdim=True).clamp_min(0)
@@ -181,50 +368,16 @@ def primal_solve(gram: torch.Tensor, grad: torch.Tensor, damping: float = 0.0, r
     """``(g'_W, SolveInfo)`` with ``g'_W = grad · (G + λI)⁺`` from the d x d Gram ``G = AᵀA / B`` (or a batch of
     them, one λ for all), in ``gram``'s dtype; ``g'_W`` has ``grad``'s dtype. ``cholesky_only``: None unless
     the pivots prove ``G + λI``."""
-    matrix, dtype = gram, gram.dtype
-    g = grad.to(dtype)
-    lam = absolute_damping(torch.diagonal(matrix, dim1=-2, dim2=-1).mean(), damping, relative_damping)
-    if lam:
-        matrix = matrix.clone()
-        matrix.diagonal(dim1=-2, dim2=-1).add_(lam)
-    factored = factor_solve(matrix, g, layer, timing, cholesky_only)
-    if factored is None:
-        return None
-    x, path, rank, condition, fallback, resolved = factored
-    _check_finite(x, path, layer)
-    residual = functools.partial(_primal_residual, x, matrix, g)  # (g = 0 gives x = 0 and a residual of 0)
-    return x.to(grad.dtype), SolveInfo(path, matrix.shape[-1], rank, condition, lam, residual, fallback, resolved,
-                                       dtype, _groups(matrix))
+    return solve(primal_problem(gram, grad, damping, relative_damping), layer, timing, cholesky_only)
 
 
 def dual_solve(kernel: torch.Tensor, signals: torch.Tensor, grad: torch.Tensor, batch_size: int, times_rows,
                d: int, damping: float = 0.0, relative_damping: bool = True, layer: str = "",
                timing: Timing = NO_TIMING, cholesky_only: bool = False):
-    """The dual (push-through) form ``grad · (G + λI)⁺ = B · Sᵀ (AAᵀ + λB·I)⁺ A``, for N < d; as :func:`primal_solve`.
-
-    ``kernel``: ``K = AAᵀ`` (N x N; overwritten), in the solve dtype; ``signals``: S (N x n);
-    ``times_rows(C)``: ``C·A``. ``grad`` must be ``Sᵀ A`` exactly (no weight
-    decay, which lies outside A's row space); only its norm is read. λ comes
-    from ``mean diag G = tr(K) / (B·d)``. The residual of the normal equations is
-    ``‖R A‖ / ‖g‖`` with ``R = C (K + λB·I) - Sᵀ``, which is ``x (G + λI) - g``.
-    All may carry one leading batch dimension, as in :func:`primal_solve`.
-    """
-    dtype = kernel.dtype
-    s = signals.to(dtype)
+    """:func:`primal_solve` in the dual form, for N < d (:func:`dual_problem`); timed as one part, "dual"."""
     with timing.part(layer, "dual"):
-        diagonal = torch.diagonal(kernel, dim1=-2, dim2=-1)
-        lam = absolute_damping(diagonal.mean() * kernel.shape[-1] / (batch_size * d), damping, relative_damping)
-        if lam:
-            diagonal.add_(lam * batch_size)
-        factored = factor_solve(kernel, s.mT, layer, cholesky_only=cholesky_only)  # Sᵀ K⁺
-        if factored is None:
-            return None
-        coeffs, path, rank, condition, fallback, resolved = factored
-        x = batch_size * times_rows(coeffs)
-        _check_finite(x, "dual-" + path, layer)
-    residual = functools.partial(_dual_residual, times_rows, coeffs, kernel, s, grad)
-    return x.to(grad.dtype), SolveInfo("dual-" + path, kernel.shape[-1], rank, condition, lam, residual, fallback,
-                                       resolved, dtype, _groups(kernel))
+        problem = dual_problem(kernel, signals, grad, batch_size, times_rows, d, damping, relative_damping)
+        return solve(problem, layer, cholesky_only=cholesky_only)
 
 
 def _groups(matrix: torch.Tensor) -> int:

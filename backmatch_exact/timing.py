@@ -10,7 +10,11 @@ launched it, and each span is also a ``torch.profiler`` range named
 ``factor`` (Cholesky, or eigh when it fails its check), ``solve`` (triangular
 solves, the one read-back, the residual), ``dual`` (the whole N x N solve),
 ``column_norms`` (‖J_{:,j}‖² for the statistics) and, per layer of any kind,
-``input_signal`` (its signal rule, with the finiteness check).
+``input_signal`` (its signal rule, with the finiteness check). On the engine's
+batched path ``factor`` and ``solve`` run at the end of backward (the step's one
+read-back there is in no span), and the matrices of several layers factored in one
+call are timed in a row of their own, ``batched <size>`` (``batched dual-<size>``
+for N x N kernels), instead of in their layers'.
 """
 
 from __future__ import annotations

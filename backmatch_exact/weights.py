@@ -27,6 +27,12 @@ it does not (a float32 eigendecomposition would cut directions the data has:
 be formed again: it is factored in float32 and its stats row says whether that
 resolved it. The answer always has the parameters' dtype.
 
+:func:`solve` answers at once. The engine's batched path splits it: :func:`defer`
+forms the problem during backward, ``solver.factor_batch`` factors it at the end of
+the backward pass together with the other layers' problems of its size, and
+:func:`complete` finishes it from the checks read back there, the per-layer way on
+(float64, eigh) where the batched Cholesky does not prove the Gram.
+
 Primal or dual: the N x N dual form (``solver.dual_solve``) is used when the
 source can give the kernel ``AAᵀ``, there is no weight decay (``wd·W̃`` lies
 outside A's row space, where the dual cannot reach) and either
@@ -36,6 +42,7 @@ outside A's row space, where the dual cannot reach) and either
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import torch
@@ -139,32 +146,80 @@ def solve(source: RowSource, plain: torch.Tensor, signals: Callable[[], torch.Te
         return total / identity_scale, solver.SolveInfo("identity", source.d, groups * source.d, nan, 0.0, nan,
                                                         groups=groups)
     dtype = settings.dtype_for(plain.dtype)
-    # the default for float32 and half models: a float32 answer only where the float32 Cholesky proves it
-    # (pivot condition below 1/sqrt(eps), about 3e3), otherwise the Gram is formed and factored in float64
-    may_escalate = settings.solve_dtype is None and dtype != torch.float64 and source.reformable
-    solved = _solve_in(dtype, source, plain, signals, weight, settings, layer, timing, cholesky_only=may_escalate)
+    may_escalate = _may_escalate(dtype, source, settings)
+    problem = _problem(dtype, source, plain, signals, weight, settings, layer, timing)
+    solved = _solve_now(problem, layer, timing, cholesky_only=may_escalate)
     if solved is None:
-        solved = _solve_in(torch.float64, source, plain, signals, weight, settings, layer, timing)
-        info = solved[1]
-        info.fallback = "; ".join(filter(None, [f"{dtype_name(dtype)} Cholesky not proven: float64",
-                                                info.fallback]))
+        return _escalated(dtype, source, plain, signals, weight, settings, layer, timing)
     return solved
 
 
-def _solve_in(dtype, source, plain, signals, weight, settings, layer, timing, cholesky_only=False):
-    """:func:`solve` in ``dtype`` (the Gram or kernel formed and factored in it); None as ``solver.factor_solve``."""
+@dataclasses.dataclass(eq=False)
+class Deferred:
+    """A weight solve formed now, factored later with others of its size (:func:`defer`, :func:`complete`)."""
+
+    problem: solver.Problem  # in the dtype :func:`solve` tries first
+    escalate: Callable | None  # solve's float64 answer where that dtype was a first try, else None
+
+
+def defer(source: RowSource, plain: torch.Tensor, signals: Callable[[], torch.Tensor], weight: torch.Tensor,
+          settings: Settings, layer: str = "", timing: Timing = NO_TIMING) -> Deferred:
+    """:func:`solve`'s first half (no ``identity_scale``): the problem formed, for ``solver.factor_batch``."""
+    dtype = settings.dtype_for(plain.dtype)
+    escalate = None
+    if _may_escalate(dtype, source, settings):
+        escalate = functools.partial(_escalated, dtype, source, plain, signals, weight, settings, layer, timing)
+    return Deferred(_problem(dtype, source, plain, signals, weight, settings, layer, timing), escalate)
+
+
+def complete(deferred: Deferred, answer: torch.Tensor, residual, read: list[float], layer: str = "",
+             timing: Timing = NO_TIMING) -> tuple[torch.Tensor, solver.SolveInfo]:
+    """:func:`solve`'s second half, from ``solver.factor_batch``'s answer and its values read back: the
+    answer where the pivots prove it, otherwise solve's own way on from there (float64, or eigh)."""
+    solved = solver.accept(deferred.problem, answer, residual, read, layer)
+    if solved is not None:
+        return solved
+    if deferred.escalate is not None:
+        return deferred.escalate()
+    return solver.eigh_solve(deferred.problem, read, layer, timing)
+
+
+def _may_escalate(dtype: torch.dtype, source: RowSource, settings: Settings) -> bool:
+    # the default for float32 and half models: a float32 answer only where the float32 Cholesky proves it
+    # (pivot condition below 1/sqrt(eps), about 3e3), otherwise the Gram is formed and factored in float64
+    return settings.solve_dtype is None and dtype != torch.float64 and source.reformable
+
+
+def _escalated(dtype, source, plain, signals, weight, settings, layer, timing):
+    """:func:`solve` in float64 after ``dtype``'s Cholesky did not prove the Gram."""
+    solved, info = _solve_now(_problem(torch.float64, source, plain, signals, weight, settings, layer, timing),
+                              layer, timing)
+    info.fallback = "; ".join(filter(None, [f"{dtype_name(dtype)} Cholesky not proven: float64", info.fallback]))
+    return solved, info
+
+
+def _problem(dtype, source, plain, signals, weight, settings, layer, timing) -> solver.Problem:
+    """The Gram (or kernel) formed in ``dtype`` and the right-hand side: ``solver.primal_problem`` / ``dual_problem``."""
     if uses_dual(source, settings):
         with timing.part(layer, "gram"):
             kernel = source.kernel(dtype)
         with timing.part(layer, "weight_grad"):
             rows_signals = signals()
-        return solver.dual_solve(kernel, rows_signals, plain, source.batch, source.times_rows, source.d,
-                                 settings.damping, settings.relative_damping, layer, timing, cholesky_only)
+        with timing.part(layer, "dual"):
+            return solver.dual_problem(kernel, rows_signals, plain, source.batch, source.times_rows, source.d,
+                                       settings.damping, settings.relative_damping)
     with timing.part(layer, "gram"):
         gram = source.gram(dtype)
     total = plain + settings.weight_decay * weight if settings.weight_decay else plain
-    return solver.primal_solve(gram, total, settings.damping, settings.relative_damping, layer, timing,
-                               cholesky_only)
+    return solver.primal_problem(gram, total, settings.damping, settings.relative_damping)
+
+
+def _solve_now(problem, layer, timing, cholesky_only=False):
+    """``solver.solve``, the dual form timed as one part ("dual") as ``solver.dual_solve`` has it."""
+    if problem.form:
+        with timing.part(layer, "dual"):
+            return solver.solve(problem, layer, cholesky_only=cholesky_only)
+    return solver.solve(problem, layer, timing, cholesky_only)
 
 
 def stats_row(layer: str, kind: str, source: RowSource, outputs: int, info: solver.SolveInfo,

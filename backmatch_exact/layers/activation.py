@@ -32,7 +32,7 @@ class DropoutRule(LayerRule):
     def column_sq_norms(self, module: nn.Dropout, a: torch.Tensor) -> torch.Tensor:
         # dropped units already carry a zero backprop signal, so one constant covers both cases
         keep = 1.0 - module.p if module.training else 1.0
-        return a.new_tensor(1.0 / keep ** 2 if keep > 0 else 0.0)
+        return a.new_full((), 1.0 / keep ** 2 if keep > 0 else 0.0)  # (filled on the device: no copy from the host)
 
     def approx_ratio(self, module: nn.Dropout, place) -> float:
         keep = 1.0 - module.p if module.training else 1.0

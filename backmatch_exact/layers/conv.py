@@ -343,7 +343,6 @@ def _gram_row_lag(a: torch.Tensor, g: dict) -> tuple[torch.Tensor, torch.Tensor]
     central = dh * (kh - 1)  # rows [central, out_h) are read by every kernel row's window
     below = height - out_h  # border rows under the central ones (= central for stride 1)
     span = dw * (kw - 1) + 1
-    lags = [dh * s for s in range(kh)]
     core = a.new_zeros(kh, mp, mp)  # core[s]: central rows r against rows r + dil·s
     top = a.new_zeros(central, kh, mp, mp)  # top[r, s]: border row r against row r + dil·s
     bottom = a.new_zeros(below, kh, mp, mp)
@@ -375,7 +374,7 @@ def _gram_row_lag(a: torch.Tensor, g: dict) -> tuple[torch.Tensor, torch.Tensor]
                 sums[i] += rows[:, dh * i:dh * i + out_h].sum((1, 2))
     # kernel rows i and i + s: core + top rows [dil·i, central) + bottom rows [out_h, out_h + dil·i)
     zero = a.new_zeros(1, kh, mp, mp)
-    first = torch.tensor(lags, device=a.device)
+    first = dh * torch.arange(kh, device=a.device)  # the lags (made on the device: a copy from the host syncs)
     suffix = torch.cat([top.flip(0).cumsum(0).flip(0), zero])[first]  # i, s, mp, mp
     prefix = torch.cat([zero, bottom.cumsum(0)])[first]
     pairs = (core + suffix + prefix)[:, :, :m, :m]  # i, s, m, m

@@ -18,6 +18,7 @@ of them ``g_b_k`` (the least change that moves the mean by ``g_b_k``), where the
 ``|K|·g_b_k``.
 """
 
+import functools
 import math
 
 import torch
@@ -82,10 +83,15 @@ class AdaptiveAvgPool2dRule(AvgPoolRule):
         height, width = a.shape[-2:]
         out = module.output_size if isinstance(module.output_size, tuple) else (module.output_size,) * 2
         out_h, out_w = (n if o is None else o for o, n in zip(out, (height, width)))
-        rows = _adaptive_col_sq(height, out_h)
-        cols = _adaptive_col_sq(width, out_w)
-        return torch.tensor(rows, dtype=a.dtype, device=a.device)[:, None] * torch.tensor(
-            cols, dtype=a.dtype, device=a.device)[None, :]
+        return _adaptive_col_sq_map(height, width, out_h, out_w, a.dtype, a.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _adaptive_col_sq_map(height: int, width: int, out_h: int, out_w: int, dtype, device) -> torch.Tensor:
+    """The column norms of one channel's map, made once per shape and device: a copy from the host to a GPU
+    synchronizes with it."""
+    rows = torch.tensor(_adaptive_col_sq(height, out_h), dtype=dtype, device=device)
+    return rows[:, None] * torch.tensor(_adaptive_col_sq(width, out_w), dtype=dtype, device=device)[None, :]
 
 
 def _adaptive_col_sq(size: int, out: int) -> list[float]:
