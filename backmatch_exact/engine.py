@@ -228,6 +228,7 @@ class Engine:
         self._queue: list[_Queued] = []  # this backward pass's weight solves, in the order formed
         self._claims: dict[torch.Tensor, bool] = {}  # params whose hook ran: True where .grad was None then
         self._armed_task = None  # autograd's graph task whose end _end_backward is queued for
+        self._accumulators: dict[torch.Tensor, object] = {}  # param -> its AccumulateGrad node (batched path)
         self._handles: list = []
         self._capture = Capture(self._functional)
         self._capturing = False  # a forward pass with gradients is running
@@ -285,6 +286,8 @@ class Engine:
                 for name, param in layer.module.named_parameters(recurse=False):
                     if param.requires_grad:
                         hooks.append(param.register_hook(functools.partial(self._param_grad, layer, name, param)))
+                        if self._batched:
+                            self._accumulators[param] = param.view_as(param).grad_fn.next_functions[0][0]
 
     def _install_module_hooks(self) -> None:
         if self._module_handles:
@@ -856,10 +859,25 @@ class Engine:
             self._check_own_gradient(layer.path, name, grad, ours, op.plain_grads.values())
         if not self._batched:
             return solved
+        if not self._stores_grad(param):
+            # torch.autograd.grad w.r.t. this parameter: autograd hands back what this hook returns, so the
+            # solves queued so far (this layer's among them) are finished now
+            self._solve_queue()
+            return self._pending.pop(param)
         # .grad is written at the end of backward (_end_backward), where g' exists: zeros now, so that what
         # autograd accumulates is exactly what .grad held before this pass
         self._claims[param] = param.grad is None
         return torch.zeros_like(grad)
+
+    def _stores_grad(self, param: torch.Tensor) -> bool:
+        """Whether this backward pass stores ``param``'s gradient in ``.grad`` (``loss.backward()``) rather than
+        handing it back (``torch.autograd.grad``). Autograd tells the two apart only by refusing, under
+        ``autograd.grad``, to say whether it will run a leaf's accumulator."""
+        try:
+            torch._C._will_engine_execute_node(self._accumulators[param])
+        except RuntimeError:
+            return False
+        return True
 
     def _check_own_gradient(self, path: str, name: str, grad: torch.Tensor, ours: torch.Tensor, layer_grads) -> None:
         """Refuse a parameter gradient that differs from the layer's own: something outside its module added to it."""
@@ -890,36 +908,18 @@ class Engine:
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
 
     def _end_backward(self) -> None:
-        """The end of a backward pass on the batched path: its weight solves factored (one call per form, size,
-        dtype and device: ``solver.factor_batch``), every check of the pass read back in one transfer, the
-        first failed one raised in the order recorded, each solve finished (a Cholesky its pivots do not prove
-        goes the per-layer way on, ``weights.complete``), then ``.grad`` written for the parameters whose hooks
-        ran. A pass that raises leaves ``.grad`` as it was before it."""
-        queue, claims, checks = self._queue, self._claims, self._backward_checks
-        self._queue, self._claims, self._backward_checks = [], {}, []
+        """The end of a backward pass on the batched path: the queued solves finished (``_solve_queue``), then
+        ``.grad`` written for the parameters whose hooks ran. A pass that raises leaves ``.grad`` as it was
+        before it."""
+        claims, self._claims = self._claims, {}
         try:
-            with torch.no_grad():
-                factored = solver.factor_batch([queued.deferred.problem for queued in queue],
-                                               [queued.op.path for queued in queue], self.timing)
-                read = _read_back([v for check in checks for v in check.values] +
-                                  [v for _, _, values in factored for v in values])
-                failure = _first_failure(checks, read)
-                if failure is not None:
-                    raise failure
-                at = sum(len(check.values) for check in checks)
-                for queued, (answer, residual, values) in zip(queue, factored):
-                    op, part = queued.op, read[at:at + len(values)]
-                    at += len(values)
-                    solved, info = weights.complete(queued.deferred, answer, residual, part, op.path, self.timing)
-                    for name, value in op.rule.unflatten(op.module, solved).items():
-                        self._pending[getattr(op.module, name)] = value
-                    self._record(op, queued.source, info, joined=self._stats.get(op.path))
-                for param, empty in claims.items():
-                    value = _laid_out_like(self._pending.pop(param), param)
-                    if empty:
-                        param.grad = value
-                    else:
-                        param.grad.add_(value)  # (+ the hook's zeros: exactly what .grad held, then + g')
+            self._solve_queue()
+            for param, empty in claims.items():
+                value = _laid_out_like(self._pending.pop(param), param)
+                if empty:
+                    param.grad = value
+                else:
+                    param.grad.add_(value)  # (+ the hook's zeros: exactly what .grad held, then + g')
         except BaseException:
             for param, empty in claims.items():
                 if empty:
@@ -927,6 +927,30 @@ class Engine:
             raise
         finally:
             self._pending.clear()
+
+    def _solve_queue(self) -> None:
+        """The weight solves queued so far factored (one call per form, size, dtype and device:
+        ``solver.factor_batch``), every check recorded so far read back in one transfer, the first failed one
+        raised in the order recorded, each solve finished (a Cholesky its pivots do not prove goes the
+        per-layer way on, ``weights.complete``) and its ``g'`` left in ``_pending``."""
+        queue, checks = self._queue, self._backward_checks
+        self._queue, self._backward_checks = [], []
+        with torch.no_grad():
+            factored = solver.factor_batch([queued.deferred.problem for queued in queue],
+                                           [queued.op.path for queued in queue], self.timing)
+            read = _read_back([v for check in checks for v in check.values] +
+                              [v for _, _, values in factored for v in values])
+            failure = _first_failure(checks, read)
+            if failure is not None:
+                raise failure
+            at = sum(len(check.values) for check in checks)
+            for queued, (answer, residual, values) in zip(queue, factored):
+                op, part = queued.op, read[at:at + len(values)]
+                at += len(values)
+                solved, info = weights.complete(queued.deferred, answer, residual, part, op.path, self.timing)
+                for name, value in op.rule.unflatten(op.module, solved).items():
+                    self._pending[getattr(op.module, name)] = value
+                self._record(op, queued.source, info, joined=self._stats.get(op.path))
 
     # ------------------------------------------------------------ diagnostics
     def stats(self) -> list[dict]:

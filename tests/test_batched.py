@@ -210,6 +210,24 @@ def test_retained_graph_and_input_only_backward_are_as_before():
     assert torch.equal(input_grad, expected_input)
 
 
+@pytest.mark.parametrize("mode", ["exact", "exact_weights"])
+def test_autograd_grad_with_respect_to_the_parameters_returns_the_back_matched_gradients(mode):
+    """``torch.autograd.grad(loss, params)`` hands back what the parameter hooks return: on the batched path
+    that must be g' (the queued solves finished in the hook), not the zeros a ``.backward()`` pass returns
+    there, and no ``.grad`` is written."""
+    model = _model("lenet")
+    x, y = _data(8)
+    results = []
+    for batch_solves in (True, False):
+        model.zero_grad(set_to_none=True)
+        with bm.attach(model, mode=mode, damping=0.1, batch_solves=batch_solves):
+            results.append(torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters())))
+            assert all(p.grad is None for p in model.parameters())
+    batched, per_layer = results
+    assert all(_rel(a, b) < 1e-12 for a, b in zip(batched, per_layer))
+    assert all(float(a.norm()) > 0 for a in batched)
+
+
 @pytest.mark.parametrize("name, mode", [("lenet", "exact"), ("resnet8", "exact_weights")])
 def test_an_exact_step_reads_back_once_per_pass(monkeypatch, name, mode):
     """The CPU's view of the one host sync: in a step, no tensor becomes a Python value anywhere but in the
