@@ -10,7 +10,7 @@ values (``graph.py``: module calls, and the functional glue between them that a
   received) gets a tensor hook: in backward it sees the sum of its consumers'
   backprop signals ``Σ_c J_cᵀ g'_c`` and sends down the back-matched signal, that
   sum over ``Σ_c ‖J_c[:,j]‖²`` (SPEC §8; one consumer: the paper's rules);
-* a weight or BatchNorm layer's output node gets a pre-hook that sees the signal
+* a weight or normalization layer's output node gets a pre-hook that sees the signal
   the layer receives and solves for its parameters' ``g'``;
 * every parameter gets a hook that puts that ``g'`` into ``.grad`` in place of
   autograd's gradient.
@@ -21,8 +21,8 @@ queued with autograd (``_end_backward``), which factors those of one size togeth
 reads the pass's checks back to the host at once and then writes ``.grad``; the
 parameter hooks hand autograd zeros.
 
-A layer whose rule replaces the numerator too (BatchNorm drops its batch-
-statistics coupling) gets an identity autograd Function on its input whose
+A layer whose rule replaces the numerator too (a batch normalization drops its
+statistics' coupling) gets an identity autograd Function on its input whose
 backward hands in the replaced numerator. Work the engine has no rule for — an
 unsupported functional op, a module with weights called twice — is a
 ``GraphError`` where it happens.
@@ -661,7 +661,7 @@ class Engine:
                                    self.approximations, op.approx)
 
     def _output_signal(self, forward: int, op: Op, solved_at_node: bool, grad_outputs) -> None:
-        """Pre-hook of a weight or BatchNorm layer's output node: the signal it receives, and its solve."""
+        """Pre-hook of a weight or normalization layer's output node: the signal it receives, and its solve."""
         self._check_current(forward, f"layer {op.path!r}")
         grad = grad_outputs[0]
         if grad is None:
@@ -688,7 +688,7 @@ class Engine:
     def _node_grads(self, op: Op, reader, grad_inputs, grad_outputs) -> None:
         """Hook on the node that made a weight layer's output: solve with autograd's own gradients of this call.
 
-        The fast backend's way where the rule can read ``g_W`` off that node (Conv2d): the
+        The fast backend's way where the rule can read ``g_W`` off that node (the conv rule's): the
         solve runs before the parameters' hooks, and the node's gradient doubles as the
         outside-use check (``_param_grad``). Otherwise ``g_W = Sᵀ A`` from the row source.
         """
