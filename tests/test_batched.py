@@ -102,6 +102,18 @@ def test_layers_of_one_size_are_factored_in_one_call():
     assert {shape[1:] for shape in shapes if shape[0] == 2} == {(256, 256), (64, 64), (16, 16)}
 
 
+def test_the_reference_backend_solves_each_layer_as_its_signal_arrives():
+    """The reference backend (explicit rows, a check) keeps the per-layer path: one Cholesky per weight layer,
+    so that no layer's explicit rows wait for the end of the pass; its answer is the fast backend's."""
+    model = _model("vgg11")
+    x, y = _data(4)
+    with _cholesky_calls() as calls:
+        reference = _step(model, x, y, mode="exact", backend="reference")
+    assert calls.call_count == 9 and all(call.args[0].dim() == 2 for call in calls.call_args_list)
+    fast = _step(model, x, y, mode="exact")
+    assert all(_rel(reference[0][name], fast[0][name]) < 1e-9 for name in fast[0])
+
+
 def test_a_cholesky_not_proven_goes_the_per_layer_way():
     """A float32 model whose three Grams share a size and go one call, where one (rank 3 of 6: duplicated
     inputs) is not proven by its float32 pivots: that layer alone is formed again in float64 and solved by
