@@ -56,7 +56,8 @@ def _init(rank, init, device="cpu"):
 def _cpu_worker(rank, init, out):
     """Every CPU check's distributed half in one pair of processes (starting them dominates the run time)."""
     _init(rank, init)
-    results = {"ddp": _ddp_part(rank), "bn": _bn_part(rank), "residual": _residual_part(rank),
+    results = {"ddp": _ddp_part(rank), "bn": _configs_part(rank, _bn_net, BN_CONFIGS),
+               "residual": _configs_part(rank, _residual_net, RESIDUAL_CONFIGS),
                "bad": _bad_part(rank)}  # bad input last
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     close_process_group()  # raises if gloo's threads would outlive it (a model still holding the group)
@@ -189,11 +190,12 @@ def _residual_net():
 RESIDUAL_CONFIGS = [("exact", {}), ("exact_weights", {"weight_decay": 0.01}), ("exact", {"solve_method": "dual"})]
 
 
-def _residual_part(rank):
+def _configs_part(rank, make_net, configs):
+    """This rank's gradients after one DDP step of a fresh ``make_net()`` per (mode, attach kwargs) config."""
     x, y = _shard(rank)
     results = {}
-    for i, (mode, kwargs) in enumerate(RESIDUAL_CONFIGS):
-        model = DDP(_residual_net())
+    for i, (mode, kwargs) in enumerate(configs):
+        model = DDP(make_net())
         with bm.attach(model, mode=mode, **kwargs):
             _step(model, x, y)
         results[i] = _grads(model.module)
@@ -211,17 +213,6 @@ def test_ddp_on_a_residual_network_equals_single_process(spawned):
 
 # ------------------------------------------------------------ plain BatchNorm
 BN_CONFIGS = [("exact", {}), ("exact_weights", {"weight_decay": 0.01}), ("approx", {})]
-
-
-def _bn_part(rank):
-    x, y = _shard(rank)
-    results = {}
-    for i, (mode, kwargs) in enumerate(BN_CONFIGS):
-        model = DDP(_bn_net())
-        with bm.attach(model, mode=mode, **kwargs):
-            _step(model, x, y)
-        results[i] = _grads(model.module)
-    return results
 
 
 def _rows(module, a):
