@@ -25,12 +25,12 @@ cut is a direction of the data that the dtype cannot tell from noise: in float32
 at κ ≈ 5e4 (VGG11's features.11, batch 32) the cut drops most of the spectrum
 and the answer points elsewhere than float64's.
 
-:func:`primal_solve` (factor the d x d ``G + λI``) and :func:`dual_solve` (factor
-the N x N ``AAᵀ + λB·I``, cheaper when N < d) are thin callers of it.
-``weights.py`` decides which one a layer uses.
+A weight solve is a :class:`Problem`: :func:`primal_problem` (factor the d x d
+``G + λI``) or :func:`dual_problem` (factor the N x N ``AAᵀ + λB·I``, cheaper when
+N < d); :func:`solve` factors one with :func:`factor_solve`. ``weights.py`` decides
+which form a layer uses.
 
-A solve can also be formed first and factored later (a :class:`Problem`, from
-:func:`primal_problem` or :func:`dual_problem`): :func:`factor_batch` factors the
+A problem can also be factored later with others: :func:`factor_batch` factors the
 problems of one form, size, dtype and device in one call and reads nothing back,
 so that the caller reads every problem's checks in the same host sync; then
 :func:`accept` takes the answer where the pivots prove it and :func:`eigh_solve`
@@ -252,9 +252,7 @@ def accept(problem: Problem, answer: torch.Tensor, residual, read: list[float], 
     path = problem.form + "cholesky"
     if not all(math.isfinite(v) for v in extremes):
         raise NonFiniteError(f"layer {layer}: the back-matched weight gradient is not finite ({path} solve)")
-    matrix = problem.matrix
-    return answer.to(problem.dtype), SolveInfo(path, matrix.shape[-1], _rank(matrix), condition, damping, residual,
-                                               "", True, matrix.dtype, _groups(matrix))
+    return _finished(problem, answer, residual, path, _rank(problem.matrix), condition, damping, "", True)
 
 
 def eigh_solve(problem: Problem, read: list[float], layer: str = "", timing: Timing = NO_TIMING):
@@ -276,6 +274,11 @@ def _conclude(problem: Problem, factored: tuple, damping: float, layer: str):
     answer, residual = problem.answer(x)
     path = problem.form + path
     _check_finite(answer, path, layer)
+    return _finished(problem, answer, residual, path, rank, condition, damping, fallback, resolved)
+
+
+def _finished(problem: Problem, answer, residual, path, rank, condition, damping, fallback, resolved):
+    """``(g'_W in the gradient's dtype, SolveInfo)`` of a solved ``problem``."""
     matrix = problem.matrix
     return answer.to(problem.dtype), SolveInfo(path, matrix.shape[-1], rank, condition, damping, residual, fallback,
                                                resolved, matrix.dtype, _groups(matrix))
@@ -361,23 +364,6 @@ def _dual_residual(times_rows, coeffs, kernel, s, grad) -> float:
 def _check_finite(x: torch.Tensor, path: str, layer: str) -> None:
     if path != "cholesky" and not torch.isfinite(x).all():  # (the Cholesky check above includes x)
         raise NonFiniteError(f"layer {layer}: the back-matched weight gradient is not finite ({path} solve)")
-
-
-def primal_solve(gram: torch.Tensor, grad: torch.Tensor, damping: float = 0.0, relative_damping: bool = True,
-                 layer: str = "", timing: Timing = NO_TIMING, cholesky_only: bool = False):
-    """``(g'_W, SolveInfo)`` with ``g'_W = grad · (G + λI)⁺`` from the d x d Gram ``G = AᵀA / B`` (or a batch of
-    them, one λ for all), in ``gram``'s dtype; ``g'_W`` has ``grad``'s dtype. ``cholesky_only``: None unless
-    the pivots prove ``G + λI``."""
-    return solve(primal_problem(gram, grad, damping, relative_damping), layer, timing, cholesky_only)
-
-
-def dual_solve(kernel: torch.Tensor, signals: torch.Tensor, grad: torch.Tensor, batch_size: int, times_rows,
-               d: int, damping: float = 0.0, relative_damping: bool = True, layer: str = "",
-               timing: Timing = NO_TIMING, cholesky_only: bool = False):
-    """:func:`primal_solve` in the dual form, for N < d (:func:`dual_problem`); timed as one part, "dual"."""
-    with timing.part(layer, "dual"):
-        problem = dual_problem(kernel, signals, grad, batch_size, times_rows, d, damping, relative_damping)
-        return solve(problem, layer, cholesky_only=cholesky_only)
 
 
 def _groups(matrix: torch.Tensor) -> int:

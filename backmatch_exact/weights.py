@@ -33,7 +33,7 @@ the backward pass together with the other layers' problems of its size, and
 :func:`complete` finishes it from the checks read back there, the per-layer way on
 (float64, eigh) where the batched Cholesky does not prove the Gram.
 
-Primal or dual: the N x N dual form (``solver.dual_solve``) is used when the
+Primal or dual: the N x N dual form (``solver.dual_problem``) is used when the
 source can give the kernel ``AAᵀ``, there is no weight decay (``wd·W̃`` lies
 outside A's row space, where the dual cannot reach) and either
 ``solve_method="dual"`` or ``"auto"`` with N < d.
@@ -215,7 +215,7 @@ def _problem(dtype, source, plain, signals, weight, settings, layer, timing) -> 
 
 
 def _solve_now(problem, layer, timing, cholesky_only=False):
-    """``solver.solve``, the dual form timed as one part ("dual") as ``solver.dual_solve`` has it."""
+    """``solver.solve``, the dual form timed as one part ("dual", as its forming in :func:`_problem` is)."""
     if problem.form:
         with timing.part(layer, "dual"):
             return solver.solve(problem, layer, cholesky_only=cholesky_only)

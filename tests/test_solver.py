@@ -88,7 +88,7 @@ def test_non_finite_right_hand_side_is_refused():
     _, path, _, _, _, _ = solver.factor_solve(matrix, rhs)
     assert path == "eigh"  # the NaN answer fails the Cholesky check
     with pytest.raises(NonFiniteError, match="fc9.*not finite"):
-        solver.primal_solve(matrix, rhs, layer="fc9")
+        solver.solve(solver.primal_problem(matrix, rhs), layer="fc9")
 
 
 def _failing_eigh(monkeypatch, fails):
@@ -134,7 +134,7 @@ def test_every_factorization_failing_is_a_solve_error(monkeypatch):
 @pytest.mark.parametrize("relative", [True, False])
 def test_primal_damping_and_residual(relative):
     gram, grad = _psd([0.0, 0.5, 1.0, 2.5]), _rhs(3, 4)
-    x, info = solver.primal_solve(gram, grad, damping=0.1, relative_damping=relative)
+    x, info = solver.solve(solver.primal_problem(gram, grad, damping=0.1, relative_damping=relative))
     lam = 0.1 * float(torch.diagonal(gram).mean()) if relative else 0.1
     assert info.damping == pytest.approx(lam) and info.path == "cholesky"
     np.testing.assert_allclose(x.numpy(), grad.numpy() @ np.linalg.inv(gram.numpy() + lam * np.eye(4)), rtol=1e-10)
@@ -148,8 +148,8 @@ def test_dual_equals_primal_on_explicit_rows():
     signals = torch.randn(5, 2, generator=gen, dtype=torch.float64)
     grad, batch = signals.T @ rows, 4
     gram = rows.T @ rows / batch
-    primal, pinfo = solver.primal_solve(gram, grad)
-    dual, dinfo = solver.dual_solve(rows @ rows.T, signals, grad, batch, rows.__rmatmul__, 8)
+    primal, pinfo = solver.solve(solver.primal_problem(gram, grad))
+    dual, dinfo = solver.solve(solver.dual_problem(rows @ rows.T, signals, grad, batch, rows.__rmatmul__, 8))
     assert (pinfo.path, pinfo.rank) == ("eigh", 5) and (dinfo.path, dinfo.rank) == ("dual-cholesky", 5)
     np.testing.assert_allclose(dual.numpy(), _min_norm(gram, grad, 1e-10), rtol=1e-9)
     np.testing.assert_allclose(primal.numpy(), dual.numpy(), rtol=1e-8)
