@@ -110,12 +110,13 @@ class NormalizationRule(LayerRule):
         raise NotImplementedError
 
     def parameter_view(self, module, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """A tensor shaped like γ, reshaped to broadcast against ``a``."""
-        raise NotImplementedError
+        """A tensor shaped like γ, reshaped to broadcast against ``a`` (here: one per channel, dim 1)."""
+        return _channel_view(t, a)
 
     def parameter_dims(self, module, a: torch.Tensor) -> list[int]:
-        """The dims of ``a`` that an element of γ is shared over (samples first): its gradient sums them."""
-        raise NotImplementedError
+        """The dims of ``a`` that an element of γ is shared over (samples first): its gradient sums them
+        (here: all but the channels)."""
+        return _reduce_dims(a)
 
     def centered(self, module) -> bool:
         """Whether E[x̂] over what an element of γ sees is zero by construction (BatchNorm's batch statistics)."""
@@ -233,12 +234,6 @@ class BatchNormRule(NormalizationRule):
             mean, var = module.running_mean, module.running_var
         return _channel_view(mean, a), _channel_view(torch.sqrt(var + module.eps), a)
 
-    def parameter_view(self, module, a, t):
-        return _channel_view(t, a)
-
-    def parameter_dims(self, module, a):
-        return _reduce_dims(a)
-
     def centered(self, module) -> bool:
         return module.training or module.running_mean is None
 
@@ -252,12 +247,6 @@ class GroupNormRule(NormalizationRule):
         shape = a.shape[:2] + (1,) * (a.dim() - 2)
         return (mean.repeat_interleave(per_channel, dim=1).reshape(shape),
                 torch.sqrt(var + module.eps).repeat_interleave(per_channel, dim=1).reshape(shape))
-
-    def parameter_view(self, module, a, t):
-        return _channel_view(t, a)
-
-    def parameter_dims(self, module, a):
-        return _reduce_dims(a)
 
 
 class LayerNormRule(NormalizationRule):
