@@ -9,7 +9,10 @@ Walk the layers from the output down with the backward factor ``m = 1``:
   ``approx_ratio``: ‖Wᵀ‖²_{2,µ} for Linear, ‖W_col‖²_{2,µ}/c for Conv2d,
   1/‖W_prev‖²_{2,µ} for BatchNorm, 1 for ReLU, pooling, flatten).
 
-Everything here depends on weights and shapes only, never on the data.
+Everything here depends on weights and shapes only, never on the data. So a
+step of approx mode on a graph checked before needs no recording: plain
+backprop, one number per branch into a fan-out and one per weight layer's
+gradient give Algorithm 1 (:class:`CheckedGraph`).
 
 Algorithm 1 is exact back-matching with a handful of approximations made at
 once; ``approximations.Approximations`` names them, so that the engine can make
@@ -123,6 +126,46 @@ class ApproxPlan:
                                        ratios[i], self.location[i])
         return factors
 
+    def carried_scales(self, factors: list[ApproxFactors], tappable) -> tuple[dict[int, float], dict[int, float]] | None:
+        """Algorithm 1's signals as multiples of what plain autograd carries, with a number per branch into a fan-out.
+
+        Along a chain Algorithm 1 divides the signal by each ratio it passes, so the signal at a value is
+        backprop's times a number ``c``. Where a value feeds several ops, its signal
+        ``Σ_j c_j J_jᵀ h_j / Σ_j r_j`` (``h_j``: what autograd carries at consumer j's output) is again a
+        multiple of what autograd sums there if every branch j but a reference one first has its gradient
+        multiplied by ``k_j = c_j / c_ref``.
+
+        Returns ``c`` per value that an op makes, and ``k`` per op index whose input branch needs one (those
+        equal to 1 left out), or None where that cannot be done: a branch to rescale whose op is not in
+        ``tappable`` (the ops the engine can reach with a hook: module calls), or a reference branch whose
+        ``c`` is 0 while another's is not. A zero denominator makes ``c`` 0 (the signal there is 0, as
+        :func:`~backmatch_exact.solver.safe_divide` makes it).
+        """
+        ops = self.ops
+        scales: dict[int, float] = {}
+        taps: dict[int, float] = {}
+        made = [op.output for op in reversed(ops) if op.output is not None]
+        inputs = [value for value in self.uses if value not in self.producer]  # the model's inputs
+        for value in made + inputs:  # every op's consumers before it
+            uses = self.uses.get(value)
+            if not uses:
+                scales[value] = 1.0  # the network output: the loss gradient is the initial signal
+                continue
+            den = sum(ops[j].denominators[k] if ops[j].denominators[k] is not None else factors[j].ratio
+                      for j, k in uses)
+            live = [(j, scales[ops[j].output]) for j, _ in uses if ops[j].output is not None]
+            fixed = {c for j, c in live if j not in tappable}
+            if len(fixed) > 1:
+                return None
+            ref = fixed.pop() if fixed else (live[0][1] if live else 0.0)
+            if ref == 0.0 and any(c != 0.0 for _, c in live):
+                return None
+            for j, c in live:
+                if c != ref:
+                    taps[j] = c / ref
+            scales[value] = ref / den if den else 0.0
+        return {value: c for value, c in scales.items() if value in self.producer}, taps
+
     def _backward_factor(self, value: int | None, ratios: list[float], factors: list[ApproxFactors]) -> float:
         """m at a value: 1 at the network output; the sum of its consumers' ratios times the mean of their m."""
         uses = self.uses.get(value)
@@ -196,3 +239,40 @@ class ApproxPlan:
                         )
                     if not consumer.rule.normalizes and consumer.output is not None:
                         stack.append(consumer.output)
+
+
+@dataclasses.dataclass(eq=False)
+class CheckedGraph:
+    """A graph approx mode has recorded and checked for one input shape: what a later step of that shape needs.
+
+    Such a step runs plain autograd and gets Algorithm 1 from it (:meth:`ApproxPlan.carried_scales`): each
+    weight layer's gradient times ``c/s`` (plus ``wd·W/(m·s)``), and, on a branching network, the gradient
+    of each module call's input branch into a fan-out times its ``k``, applied by a hook on that call.
+    """
+
+    plan: ApproxPlan
+    weights: dict[str, int]  # layer with parameters -> its op index
+    calls: dict[int, tuple[str, int]]  # op index of a module call -> (the module's path, which of its calls)
+
+    @property
+    def branch_layers(self) -> set[str]:
+        """The modules whose calls may take a fan-out's branch (those a step may hook)."""
+        return {self.calls[j][0] for uses in self.plan.uses.values() if len(uses) > 1
+                for j, _ in uses if j in self.calls}
+
+    def scales(self, factors: list[ApproxFactors], weight_decay: float) -> tuple[dict, dict] | None:
+        """This step's numbers: per layer with parameters, the factors of autograd's gradient and of the
+        parameter (``(c/s, wd/(m·s))``); per module, ``{call number: k}`` of its calls' input branches. None:
+        this step's signals cannot be had from autograd's (then it records and propagates them)."""
+        carried = self.plan.carried_scales(factors, self.calls)
+        if carried is None:
+            return None
+        values, taps = carried
+        ops = self.plan.ops
+        grads = {path: (values.get(ops[i].output, 0.0) / factors[i].sharing_factor,
+                        weight_decay * factors[i].weight_scale) for path, i in self.weights.items()}
+        branches: dict[str, dict[int, float]] = {}
+        for i, k in taps.items():
+            path, call = self.calls[i]
+            branches.setdefault(path, {})[call] = k
+        return grads, branches

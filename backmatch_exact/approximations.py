@@ -88,3 +88,10 @@ class ApproxFactors:
     sharing_factor: float  # s (1 unless Conv2d)
     ratio: float  # r = g_a / g'_a; the factor at the layer's input is m·r
     location_factor: float = 1.0  # c (1 unless Conv2d): input locations per pooled output location
+
+    @property
+    def weight_scale(self) -> float:
+        """``1/(m·s)``, the factor of the layer's weight gradient; 0 where ``m·s`` is 0 (a zero ratio above, e.g.
+        a BatchNorm with γ = 0: no signal reaches the layer, and its weights keep still)."""
+        ms = self.backward_factor * self.sharing_factor
+        return 1.0 / ms if ms else 0.0

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from . import distributed, joint, solver, weights
-from .approx import ApproxPlan, PlanOp
+from .approx import ApproxPlan, CheckedGraph, PlanOp
 from .approximations import Approximations
 from .errors import BackMatchError, GraphError, NonFiniteError, UnresolvedSolveWarning, UnsupportedModuleError
 from .graph import Capture, Op, Use, Value, call_site, tensors_requiring_grad
@@ -210,12 +210,15 @@ class Engine:
         self.approximations = Approximations.of("all") if mode == "approx" else switches
         self._needs_factors = mode == "approx" or switches.needs_factors()
         self._matched_signals = mode in ("exact", "approx")  # the signals sent down are back-matched
-        # approx mode on a network without fan-out: once its graph is checked for an input shape, a step only
-        # scales .grad (Algorithm 1's scaled signals reach the weights as backprop's over m); approx_signals=True
-        # propagates them anyway (x.grad and tensor hooks then see them)
+        # approx mode: once a graph is checked for an input shape, a step runs plain autograd and scales .grad
+        # (and on a branching network the gradient of a few branches: approx.CheckedGraph); approx_signals=True
+        # propagates Algorithm 1's signals every step (x.grad and tensor hooks then see them)
         self.approx_signals = bool(approx_signals)
-        self._light: dict[tuple, tuple] = {}  # checked graphs: key -> (plan, {layer path: op index})
-        self._light_factors: dict | None = None  # this step's (m, s) per layer when only .grad is scaled
+        self._light: dict[tuple, CheckedGraph] = {}  # checked graphs by _light_key
+        self._light_grads: dict | None = None  # such a step's (factor of autograd's g, of the parameter) per layer
+        self._light_taps: dict | None = None  # ... during its forward pass: {call number: k} per module path
+        self._light_calls: dict[str, int] = {}  # ... the calls of each module so far
+        self._tapped: set[str] = set()  # the modules with a branch hook (_tap_branch)
         self._module_handles: list = []
         self.settings = weights.Settings(float(damping), damping_scale == "relative", float(weight_decay),
                                          solve_method, solve_dtype)
@@ -346,14 +349,15 @@ class Engine:
     def _model_begin(self, model, args):
         if not torch.is_grad_enabled():  # evaluation: nothing to record, and a pending step's ops stay as they are
             return None
-        self._light_factors = None
+        self._light_grads = None
         self._expire_statistics()
         self._release_step()
         self._forwards += 1
         if self.mode == "approx" and not self.approx_signals:
-            key = self._light_key(args)
-            if key in self._light:
-                return self._light_begin(key, args)
+            checked = self._light.get(self._light_key(args))
+            if checked is not None and self._light_begin(checked, args):
+                self._remove_module_hooks()  # (a step that could not be light may have put them back)
+                return None
             self._install_module_hooks()  # a new input shape or structure: record and check this pass
         self._values = {}
         for x in tensors_requiring_grad(args, {}):
@@ -394,9 +398,10 @@ class Engine:
         return (tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else type(a) for a in args),
                 tuple(layer.module.training for layer in self.layers))
 
-    def _light_begin(self, key, args) -> None:
-        """A step of approx mode on a checked graph without fan-out: Algorithm 1's factors, and nothing else."""
-        plan, index = self._light[key]
+    def _light_begin(self, checked: CheckedGraph, args) -> bool:
+        """A step of approx mode on a checked graph: Algorithm 1's numbers, and nothing else to record. False
+        when this step's numbers need the signals propagated (``CheckedGraph.scales``): then it records."""
+        plan = checked.plan
         inputs = [a.detach().sum() for a in tensors_requiring_grad(args, {}) if a.is_floating_point()] + \
                  [a.detach().sum() for a in args if isinstance(a, torch.Tensor) and not a.requires_grad
                   and a.is_floating_point()]
@@ -405,10 +410,54 @@ class Engine:
             first = self.layers[0]
             raise NonFiniteError(f"layer {plan.ops[0].path!r} ({type(first.module).__name__}): input contains "
                                  "NaN or infinity")
-        self._light_factors = {path: factors[i] for path, i in index.items()}
+        scales = checked.scales(factors, self.settings.weight_decay)
+        if scales is None:
+            return False
+        (self._light_grads, self._light_taps), self._light_calls = scales, {}
         self._approx_step = list(zip(plan.ops, factors))
+        return True
+
+    def _tap_branch(self, layer: _Layer, module, args):
+        """Pre-hook of a module whose call may take a fan-out's branch: in a checked approx step, the gradient
+        of its input through this call times the call's ``k`` (``CheckedGraph``)."""
+        if self._light_taps is None:
+            return None
+        call = self._light_calls.get(layer.path, 0)
+        self._light_calls[layer.path] = call + 1
+        k = self._light_taps.get(layer.path, {}).get(call)
+        if k is None or not (len(args) == 1 and isinstance(args[0], torch.Tensor) and args[0].requires_grad):
+            return None
+        x = args[0].clone() if getattr(module, "inplace", False) else args[0].view_as(args[0])
+        x.register_hook(functools.partial(torch.mul, other=k))
+        return (x,)
+
+    def _check_graph(self, args) -> None:
+        """Approx mode: keep this pass's graph, checked, for later passes with the same ``_light_key``, where
+        Algorithm 1 can be had from plain autograd (``CheckedGraph``); the module hooks go (they come back for a
+        new key). Not kept where a rule's numerator differs from autograd's or a fan-out has two branches no
+        module call takes, each with its own scale."""
+        if any(op.rule.transforms_numerator(self.approximations) for op in self._ops):
+            return
+        calls, count = {}, {}
+        for i, op in enumerate(self._ops):
+            if op.layer is not None:
+                calls[i] = (op.path, count.get(op.path, 0))
+                count[op.path] = calls[i][1] + 1
+        weighted = {op.path: i for i, op in enumerate(self._ops) if op.layer is not None and op.layer.has_parameters}
+        checked = CheckedGraph(self._approx_plans[self._graph_key], weighted, calls)
+        if checked.scales([op.approx for op in self._ops], 0.0) is None:
+            return
+        self._light[self._light_key(args)] = checked
+        untapped = checked.branch_layers - self._tapped
+        for layer in self.layers:
+            if layer.path in untapped:
+                self._handles.append(layer.module.register_forward_pre_hook(
+                    functools.partial(self._tap_branch, layer)))
+                self._tapped.add(layer.path)
+        self._remove_module_hooks()  # (this pass still propagates its signals through its value hooks)
 
     def _model_end(self, model, args, output):
+        self._light_taps = None  # (a checked step's branch hooks are done)
         if not self._capturing:
             return None
         self._capturing = False
@@ -426,11 +475,8 @@ class Engine:
             raise GraphError("the model's output was not made by a supported module or op in its forward pass")
         if self._needs_factors:
             self._approx_factors()
-        if self.mode == "approx" and not self.approx_signals and self._without_fan_out():
-            plan = self._approx_plans[self._graph_key]
-            self._light[self._light_key(args)] = (plan, {op.path: i for i, op in enumerate(self._ops)
-                                                         if op.layer is not None and op.layer.has_parameters})
-            self._remove_module_hooks()  # (this pass still propagates its signals through its value hooks)
+        if self.mode == "approx" and not self.approx_signals:
+            self._check_graph(args)
         if self.distributed is not None and self._ops:
             self.distributed.forward_end(self._ops, output, self._row_source)
         if self.mode in ("approx", "bp"):
@@ -579,16 +625,6 @@ class Engine:
         if self.mode == "approx":
             self._approx_step = list(zip(graph, factors))  # stats() reads it
 
-    def _without_fan_out(self) -> bool:
-        """No value feeds two ops: then Algorithm 1's signal at every layer is backprop's over its m."""
-        used = set()
-        for op in self._ops:
-            for value in op.values:
-                if id(value) in used:
-                    return False
-                used.add(id(value))
-        return True
-
     def _approx_stats(self) -> None:
         """Fill ``_stats`` from the last approx-mode forward pass (done only when stats() asks)."""
         for op, factors in self._approx_step:
@@ -596,7 +632,7 @@ class Engine:
                 self._stats[op.path] = {
                     "layer": op.path, "kind": type(op.module).__name__, "m": factors.backward_factor,
                     "s": factors.sharing_factor, "r": factors.ratio, "c": factors.location_factor,
-                    "scale": 1.0 / (factors.backward_factor * factors.sharing_factor),
+                    "scale": factors.weight_scale,
                 }
 
     def _check_finite(self, t: torch.Tensor, what: str, path: str, module) -> None:
@@ -826,19 +862,16 @@ class Engine:
 
     def _param_grad(self, layer: _Layer, name: str, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         op = layer.op
-        if self.mode == "approx" and self._light_factors is not None:
-            # a checked graph without fan-out: autograd's grad is backprop's g_W, and Algorithm 1's (g_W + wd·W)/(m·s)
-            factors = self._light_factors[layer.path]
-            scale = factors.backward_factor * factors.sharing_factor
-            total = grad + self.settings.weight_decay * param if self.settings.weight_decay else grad
-            return total / scale
+        if self._light_grads is not None:
+            # a checked approx step: autograd's g_W times c/s is Algorithm 1's g_W/s (on a chain c = 1/m)
+            scale, decay = self._light_grads[layer.path]
+            return grad * scale + decay * param if decay else grad * scale
         if self.mode == "approx":
             # the signals arriving were already divided by m, so autograd's grad is g_W / m
             factors = op.approx
             scaled = grad if factors.sharing_factor == 1.0 else grad / factors.sharing_factor
             if self.settings.weight_decay:
-                wd = self.settings.weight_decay
-                scaled = scaled + (wd / (factors.backward_factor * factors.sharing_factor)) * param
+                scaled = scaled + (self.settings.weight_decay * factors.weight_scale) * param
             if not math.isfinite(scaled.sum()):
                 # approx mode checks the inputs here, not in the forward pass (which it keeps as cheap as plain
                 # backprop): a NaN or inf in a weight layer's input always reaches its g_W = Sᵀ A. Name the first
@@ -1036,9 +1069,12 @@ def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_d
     the step stays exact. backend: ``"fast"`` (default) or ``"reference"``, the
     plain im2col rows and ``g_W = Sᵀ A`` that every fast path is tested against.
     approx_signals: in approx mode, propagate Algorithm 1's scaled signals down every
-    step (``x.grad`` and tensor hooks then see them). By default, on a network without
-    fan-out, the first forward pass of each input shape records and checks the graph and
-    later ones only rescale ``.grad``, which gives the same weights at backprop's cost.
+    step (``x.grad`` and tensor hooks then see them). By default the first forward pass
+    of each input shape records and checks the graph, and later ones run plain backprop
+    and rescale ``.grad`` (on a branching network also the gradient of each extra
+    branch into a fan-out, by one number): the same weights at about backprop's cost,
+    while ``x.grad`` and tensor hooks see Algorithm 1's signals times a number per
+    tensor (backprop's on a chain).
     solve_dtype: the dtype weight Grams are formed and factored in, ``torch.float32``
     or ``torch.float64``; None (default): float64 for float64 models, and for float32
     and half models float32 where its Cholesky proves the Gram well conditioned,

@@ -238,6 +238,114 @@ def test_scaling_grad_equals_propagating_the_signals_on_chains(wd):
         e_full.detach()
 
 
+class _Branchy(nn.Module):
+    """h feeds two convs and an add; y feeds a pooling module that is called twice (its first call takes a
+    branch of y's fan-out, its second does not) and ``F.relu``; a scalar product."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.a, self.bn_a = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.b, self.bn_b = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        h = F.relu(self.bn0(self.stem(x)))
+        y = self.bn_a(self.a(h)) + self.bn_b(self.b(h)) + h
+        z = self.pool(y) + 0.5 * self.pool(F.relu(y))
+        return self.fc(torch.flatten(self.pool(z), 1))
+
+
+class _ScaledShortcut(nn.Module):
+    """h feeds a conv and a scalar product that leads to ``bn_w``: with ``bn_w``'s γ = 0 the product's branch
+    carries a scale of 0 and the conv's does not, which no hook on a module call can make of autograd's sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.a, self.bn_a = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.w, self.bn_w = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        h = F.relu(self.bn0(self.stem(x)))
+        u = self.bn_a(self.a(h)) + self.bn_w(self.w(2 * h))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(u, 1), 1))
+
+
+def _affine_bn_uniform(model, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.uniform_(-0.2, 0.2, generator=gen)
+    return model
+
+
+def _zero_gamma(model, path):
+    with torch.no_grad():
+        model.get_submodule(path).weight.zero_()
+    return model
+
+
+# name: (make, γ zeroed before the first step, γ zeroed before the third, the steps that record the graph)
+GRAPHS = {
+    "resnet8": (lambda: _affine_bn_uniform(bm.models.resnet(8)), None, None, {0}),
+    "resnet8, zero-init residual": (lambda: _affine_bn_uniform(bm.models.resnet(8)), "stage2.0.bn2", None, {0}),
+    "branchy": (lambda: _affine_bn_uniform(_Branchy()), None, None, {0}),
+    "odd chain, a γ = 0": (lambda: _odd_chain(), "b2", None, {0}),
+    # γ = 0 at the check: not kept, and checked again next step (γ has moved by then)
+    "scaled shortcut, γ = 0": (lambda: _affine_bn_uniform(_ScaledShortcut()), "bn_w", None, {0, 1}),
+    # γ = 0 after the check: that step records and propagates
+    "scaled shortcut, γ = 0 later": (lambda: _affine_bn_uniform(_ScaledShortcut()), None, "bn_w", {0, 2}),
+}
+
+
+@pytest.mark.parametrize("name", list(GRAPHS))
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_checked_graphs_equal_propagating_the_signals(name, wd):
+    """On a branching network a checked step runs autograd's backprop, multiplies the gradient of a fan-out's
+    extra branches by one number each and scales .grad: Algorithm 1's weights all the same, as approx_signals=True
+    gives them, over steps with new weights. A γ = 0 stops the signal (the weights below keep still, no NaN);
+    where no module call takes the branch to rescale, the step records and propagates."""
+    make, zero_first, zero_later, recording = GRAPHS[name]
+    torch.manual_seed(0)
+    light = make().double()
+    full = make().double()
+    full.load_state_dict(light.state_dict())
+    for model in (light, full):
+        if zero_first:
+            _zero_gamma(model, zero_first)
+    x, y = _data(4)
+    e_light = bm.attach(light, mode="approx", weight_decay=wd)
+    e_full = bm.attach(full, mode="approx", weight_decay=wd, approx_signals=True)
+    for step in range(4):
+        if step == 2 and zero_later:
+            for model in (light, full):
+                _zero_gamma(model, zero_later)
+        for model in (light, full):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+        assert (len(e_light._ops) > 0) == (step in recording), step  # (a recorded pass keeps its ops)
+        stats = e_light.stats()
+        assert stats == e_full.stats()
+        if (step == 0 and zero_first) or (step == 2 and zero_later):  # γ = 0 gives m = 0 below it: scale 0
+            stopped = [row for row in stats if row["m"] == 0.0]
+            assert stopped and all(row["scale"] == 0.0 for row in stopped), step
+        largest = max(p.grad.abs().max() for p in full.parameters())
+        for (n, a), b in zip(light.named_parameters(), full.parameters()):
+            assert torch.isfinite(a.grad).all(), (step, n)
+            assert torch.allclose(a.grad, b.grad, rtol=1e-10, atol=1e-13 * largest), (step, n)
+        with torch.no_grad():
+            for a, b in zip(light.parameters(), full.parameters()):
+                a.sub_(0.1 * a.grad)
+                b.copy_(a)
+    e_light.detach()
+    e_full.detach()
+
+
 def test_checked_chain_still_refuses_non_finite_input_and_weights():
     model, (x, y) = _lenet(), _data(4)
     with bm.attach(model, mode="approx"):
