@@ -1,6 +1,7 @@
 """The engine's fast backend against its plain reference backend (``attach(backend="reference")``), in float64.
 
-The fast path forms the conv Gram by kernel-row lags instead of the im2col matrix,
+The fast path forms the conv Gram by lags (kernel rows; or, on the CPU in float32 from 16 channels, 2-D
+lags by one weight-gradient convolution of the input with itself) instead of the im2col matrix,
 takes autograd's own conv weight gradient instead of recomputing ``Sᵀ A``, solves
 from the Gram with one host sync, computes conv column norms as two small matrix
 products and skips the max-pool rule for disjoint windows. Each of these must give
@@ -23,7 +24,7 @@ from torch import nn
 import backmatch_exact as bm
 from backmatch_exact.research import bench
 from backmatch_exact.layers import rule_for
-from backmatch_exact.layers.conv import _int_padding
+from backmatch_exact.layers.conv import ConvRows, _geometry, _gram_lag, _int_padding, _lag_pays
 from backmatch_exact.layers.pooling import MaxPool2dRule, _disjoint_windows
 from backmatch_exact.weights import ExplicitRows
 
@@ -214,6 +215,33 @@ def test_conv_row_source_and_column_norms_equal_explicit_ones(case):
     layer, x, gen = _conv(case)
     with torch.no_grad():
         _conv_row_source_case(layer, x, gen)
+
+
+@SETTINGS
+@given(case=conv_geometries())
+def test_conv_gram_by_2d_lags_equals_the_im2col_gram(case):
+    """The 2-D lag form, run here in float64 on any stride-1 geometry: the im2col Gram and column sums."""
+    assume(case["stride"] == (1, 1) or case["padding"] == "same")
+    layer, x, _ = _conv(case)
+    geometry = dict(_geometry(layer, x), sums=layer.bias is not None)
+    gram, sums = _gram_lag(x, geometry)
+    a = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=_int_padding(layer))
+    a = a.transpose(1, 2).reshape(-1, a.shape[1])
+    assert rel(gram, a.T @ a) < TIGHT and torch.equal(gram, gram.T)
+    if layer.bias is not None:
+        assert rel(sums, a.sum(0)) < TIGHT
+
+
+@pytest.mark.parametrize("kernel, padding, dilation, bias", [(3, 1, 1, False), (5, 0, 1, True), ((3, 2), (2, 0), 2, True)])
+def test_float32_conv_gram_from_16_channels_takes_the_lag_form(kernel, padding, dilation, bias):
+    """ConvRows.gram in float32 on the CPU from 16 channels: the lag form, as close to the float64 Gram as
+    the row-lag form's GEMMs are (a few 1e-7 of its largest entry at batch 128; summed over 8-sample chunks)."""
+    gen = torch.Generator().manual_seed(0)
+    layer = nn.Conv2d(16, 4, kernel, padding=padding, dilation=dilation, bias=bias)
+    x = torch.randn(128, 16, 12, 10, generator=gen) + 0.5
+    assert _lag_pays(_geometry(layer, x), x)
+    gram = ConvRows(layer, x).gram(torch.float32).double()
+    assert rel(gram, ConvRows(layer.double(), x.double()).gram(DT)) < 2e-6
 
 
 def _conv_row_source_case(layer, x, gen):
