@@ -68,8 +68,9 @@ def _batch_moments(module, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     (two small all-reduces, count-weighted as the layer does)."""
     dims, group = _reduce_dims(a), _sync_group(module)
     if group is None:
-        var, mean = torch.var_mean(a, dim=dims, unbiased=False)
-        return mean, var
+        # torch's own kernel for a batch norm's statistics (biased variance): 3–4x var_mean over dims (0, 2, 3)
+        # on the CPU, which was 70 of ResNet-20's 555 ms exact step at batch 128
+        return torch.batch_norm_update_stats(a, None, None, 0.0)
     count = a.new_tensor([a.numel() // a.shape[1]])
     sums = torch.cat([a.sum(dim=dims), count])
     dist.all_reduce(sums, group=group)
