@@ -353,6 +353,13 @@ def _lag_range(r: int, offsets: list[int], size: int, k: int, d: int) -> tuple[i
     return max(-max(offsets), -(r // d)), min(k - 1 - min(offsets), (size - 1 - r) // d)
 
 
+def _partners(i: int, lo: int, hi: int, k: int) -> tuple[slice, slice]:
+    """For offset i and lags ``[lo, hi]``: the partner offsets ``i' = i + lag`` inside the kernel, and their lags'
+    positions in ``[lo, hi]``."""
+    first, stop = max(0, i + lo), min(k, i + hi + 1)
+    return slice(first, stop), slice(first - i - lo, stop - i - lo)
+
+
 def _subtract_left_out_rows(gram: torch.Tensor, a: torch.Tensor, kh: int, kw: int, dh: int, dw: int, ph: int) -> None:
     """``gram[c, i, j, c', i', j'] −=`` the products at the input rows that kernel row i's window leaves out
     (every column): one GEMM per such row, over the lags it needs. Columns: the same on the transposed input."""
@@ -366,9 +373,9 @@ def _subtract_left_out_rows(gram: torch.Tensor, a: torch.Tensor, kh: int, kw: in
         partners = partners.unfold(3, 2 * qw + 1, 1)[..., ::dw]  # B, C, lags, W, 2kw − 1
         lags = torch.einsum("ncs,ndasb->cdab", a[:, :, r], partners)
         for i in offsets:
-            for i2 in range(max(0, i + lo), min(kh, i + hi + 1)):
-                block = torch.stack([lags[:, :, i2 - i - lo, kw - 1 - j:2 * kw - 1 - j] for j in range(kw)], 1)
-                gram[:, i, :, :, i2, :] -= block  # [c, j, c', j']
+            partners, at = _partners(i, lo, hi, kh)
+            block = torch.stack([lags[:, :, at, kw - 1 - j:2 * kw - 1 - j] for j in range(kw)], 1)
+            gram[:, i, :, :, partners, :] -= block  # [c, j, c', i', j']
 
 
 def _gram_lag(a: torch.Tensor, g: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,10 +407,10 @@ def _gram_lag(a: torch.Tensor, g: dict) -> tuple[torch.Tensor, torch.Tensor]:
             partners = a[:, :, r + dh * alo:r + dh * ahi + 1:dh, s + dw * blo:s + dw * bhi + 1:dw]
             lags = torch.einsum("nc,ndab->cdab", a[:, :, r, s], partners)
             for i in row_offsets:
-                for i2 in range(max(0, i + alo), min(kh, i + ahi + 1)):
-                    for j in col_offsets:
-                        for j2 in range(max(0, j + blo), min(kw, j + bhi + 1)):
-                            gram[:, i, j, :, i2, j2] += lags[:, :, i2 - i - alo, j2 - j - blo]
+                rows_i, at_i = _partners(i, alo, ahi, kh)
+                for j in col_offsets:
+                    cols_j, at_j = _partners(j, blo, bhi, kw)
+                    gram[:, i, j, :, rows_i, cols_j] += lags[:, :, at_i, at_j]
     d = channels * kh * kw
     gram = gram.view(d, d)
     gram = (gram + gram.T) / 2  # (entry and mirror come from two lag products, equal but for rounding)
