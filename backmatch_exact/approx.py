@@ -151,8 +151,7 @@ class ApproxPlan:
             if not uses:
                 scales[value] = 1.0  # the network output: the loss gradient is the initial signal
                 continue
-            den = sum(ops[j].denominators[k] if ops[j].denominators[k] is not None else factors[j].ratio
-                      for j, k in uses)
+            den = sum(self._denominator(j, k, factors[j].ratio) for j, k in uses)
             live = [(j, scales[ops[j].output]) for j, _ in uses if ops[j].output is not None]
             fixed = {c for j, c in live if j not in tappable}
             if len(fixed) > 1:
@@ -171,13 +170,17 @@ class ApproxPlan:
         uses = self.uses.get(value)
         if not uses:
             return 1.0  # the loss gradient w.r.t. the network output is the initial signal
-        ops = self.ops
         if len(uses) == 1:  # (a chain: m·r)
             j, k = uses[0]
-            den = ops[j].denominators[k]
-            return (ratios[j] if den is None else den) * factors[j].backward_factor
-        total = sum(ops[j].denominators[k] if ops[j].denominators[k] is not None else ratios[j] for j, k in uses)
+            return self._denominator(j, k, ratios[j]) * factors[j].backward_factor
+        total = sum(self._denominator(j, k, ratios[j]) for j, k in uses)
         return total * sum(factors[j].backward_factor for j, _ in uses) / len(uses)
+
+    def _denominator(self, j: int, k: int, ratio: float) -> float:
+        """What op j, reading the value as its input k, adds to the value's denominator: the op's constant
+        (glue), else its ratio."""
+        den = self.ops[j].denominators[k]
+        return ratio if den is None else den
 
     def _sharing_factor(self, i: int) -> float:
         """s: spatial size of the last 4-D output from op i up to (not including) the next weight layer.
