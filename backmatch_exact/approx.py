@@ -126,7 +126,8 @@ class ApproxPlan:
                                        ratios[i], self.location[i])
         return factors
 
-    def carried_scales(self, factors: list[ApproxFactors], tappable) -> tuple[dict[int, float], dict[int, float]] | None:
+    def carried_scales(self, factors: list[ApproxFactors],
+                       tappable) -> tuple[dict[int, float], dict[int, float]] | None:
         """Algorithm 1's signals as multiples of what plain autograd carries, with a number per branch into a fan-out.
 
         Along a chain Algorithm 1 divides the signal by each ratio it passes, so the signal at a value is

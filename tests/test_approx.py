@@ -286,8 +286,9 @@ GRAPHS = {
 def test_checked_steps_equal_propagating_the_signals(name, wd):
     """Once a graph is checked, an approx step runs autograd's backprop and scales .grad (on a branching network
     it also multiplies the gradient of a fan-out's extra branches by one number each): Algorithm 1's weights
-    all the same, as approx_signals=True gives them by propagating the signals, over steps with new weights. A γ = 0 stops the signal (the weights below keep still, no NaN);
-    where no module call takes the branch to rescale, the step records and propagates."""
+    all the same, as approx_signals=True gives them by propagating the signals, over steps with new weights.
+    A γ = 0 stops the signal (the weights below keep still, no NaN); where no module call takes the branch to
+    rescale, the step records and propagates."""
     make, zero_first, zero_later, recording = GRAPHS[name]
     torch.manual_seed(0)
     light = make().double()
