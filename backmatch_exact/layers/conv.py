@@ -127,14 +127,14 @@ class ConvRows(RowSource):
 
     def gram(self, dtype: torch.dtype) -> torch.Tensor:
         """``AᵀA / B`` by lags: 2-D ones on the CPU in float32 from 16 channels, stride 1 (:func:`_gram_lag`),
-        else kernel-row lags when the stride along the height is 1.
+        else products of input rows when the stride along the height is 1 (:func:`_gram_rows`).
 
-        Row-lag form: an output row reads input rows ``r = u + dil·i`` (kernel row i).
+        Row form: an output row reads input rows ``r = u + dil·i`` (kernel row i).
         With ``A1[r]`` the 1-D im2col of input row r along the width (B·W_out x C·k_w),
-        the block of G between kernel rows i and i + δ is ``Σ_u A1[u+dil·i]ᵀ A1[u+dil·(i+δ)]``:
-        the products of one pair of input rows are shared by every i that reads both.
-        The rows every window reads form one batched GEMM over the lags δ; the few
-        border rows are added by cumulative sums. About ``H_pad / (k_h·H_out)`` of the im2col Gram's
+        the block of G between kernel rows i and i + s is ``Σ_u A1[u+dil·i]ᵀ A1[u+dil·(i+s)]``:
+        the product of one pair of input rows is shared by every i whose window reads both.
+        So each row is multiplied with its k_h partners once (one batched GEMM over the rows) and
+        each block is a sum of H_out of those products. About ``H_pad / (k_h·H_out)`` of the im2col Gram's
         flops and ``1/k_h`` of its memory; additions only, so rounding is like the
         direct product's. Otherwise (stride > 1 along the height, k_h = 1, tiny
         outputs) the im2col Gram, a batch chunk at a time.
@@ -145,7 +145,7 @@ class ConvRows(RowSource):
         if _lag_pays(geometry, a):
             gram, sums = _gram_lag(a, geometry)
         else:
-            gram, sums = (_gram_row_lag if _row_lag_pays(geometry) else _gram_direct)(a, geometry)
+            gram, sums = (_gram_rows if _rows_pay(geometry) else _gram_direct)(a, geometry)
         if module.bias is not None:
             corner = sums.new_full((1, 1), float(self.samples))
             gram = torch.cat([torch.cat([gram, sums[:, None]], 1), torch.cat([sums[None], corner], 1)], 0)
@@ -246,7 +246,7 @@ def _window_pairs(size: int, out: int, kernel: int, stride: int, dilation: int, 
     return torch.einsum("uvp,uwq->vwpq", reads, reads).to(device)
 
 
-_CHUNK_ELEMENTS = 1 << 20  # per batch chunk, elements of its im2col or row-lag matrix (4 MiB in fp32: stays in cache)
+_CHUNK_ELEMENTS = 1 << 20  # per batch chunk, elements of its im2col or row matrix (4 MiB in fp32: stays in cache)
 _WORKSPACE: dict = {}  # CPU: (shape, dtype) -> a zero-padded buffer kept from step to step
 _WORKSPACE_BYTES = 1 << 28
 
@@ -255,7 +255,7 @@ def _padded_buffer(shape: tuple, like: torch.Tensor, written: tuple) -> torch.Te
     """A zero tensor of ``shape`` whose padding the caller never writes: on the CPU the same one every step.
 
     The allocator hands big CPU buffers back to the system when they are freed, and touching a fresh one
-    costs a page fault per 4 KiB, which was a third of the row-lag Gram's time. Callers overwrite the same
+    costs a page fault per 4 KiB, which was a third of the row Gram's time. Callers overwrite the same
     region each time (``written`` names it, part of the key) and leave the rest zero, so the buffer stays
     valid. (CUDA's caching allocator already reuses memory: there each call gets a new tensor.) Not for use
     from several threads at once.
@@ -303,30 +303,29 @@ def _geometry(module: nn.Conv2d, a: torch.Tensor) -> dict:
                 width=width + 2 * pw, out_h=out_h, out_w=out_w, channels=a.shape[1])
 
 
-def _row_lag_pays(g: dict) -> bool:
-    """Row lags apply (stride 1 along the height, every window shares the central rows) and cut flops."""
-    central = g["dh"] * (g["kh"] - 1)
-    return g["sh"] == 1 and g["kh"] > 1 and g["out_h"] >= central and g["height"] < g["kh"] * g["out_h"]
+def _rows_pay(g: dict) -> bool:
+    """The row form applies (stride 1 along the height) and cuts flops (windows share rows)."""
+    return g["sh"] == 1 and g["kh"] > 1 and g["height"] < g["kh"] * g["out_h"]
 
 
 def _lag_pays(g: dict, a: torch.Tensor) -> bool:
     """The 2-D lag form applies (stride 1) and is faster (measured on the CPU in float32 from 16 channels up:
-    1.6–3× the row-lag form at ResNet's and VGG's layers; in float64, without mkldnn, slower). Not on CUDA:
+    1.2–2.2× the row form at ResNet's and VGG's layers; in float64, without mkldnn, slower). Not on CUDA:
     cuDNN may run it in TF32 there (``torch.backends.cudnn.allow_tf32``), and it has not been measured."""
     return (g["sh"] == 1 and g["sw"] == 1 and g["kh"] * g["kw"] > 1 and g["channels"] >= 16
             and a.dtype == torch.float32 and a.device.type == "cpu")
 
 
 _LAG_CHUNK = 8  # samples per lag-product call: mkldnn sums a call's products in one long run (rounding 1e-5
-# of the largest entry at batch 128, the row-lag GEMMs 2e-7 to 9e-7); 8 samples a call bring it to 3e-7–4e-7
+# of the largest entry at batch 128, the row GEMMs 1e-7 to 2e-7); 8 samples a call bring it to 3e-7–4e-7
 
 
 def _lag_products(centre: torch.Tensor, around: torch.Tensor, kernel: tuple, padding: tuple,
                   dilation: tuple) -> torch.Tensor:
     """``L[c, c', A, B] = Σ_n Σ_p centre[n, c, p] · around[n, c', p + dilation·(A, B) − padding]`` (zero outside
     ``around``): the weight gradient of a convolution of ``around`` whose output gradient is ``centre``, one of
-    mkldnn's fastest kernels (~380 GFLOP/s on the two cores at 64 channels, where the row-lag GEMMs ran at
-    125–145). Summed over chunks of :data:`_LAG_CHUNK` samples."""
+    mkldnn's fastest kernels (~380 GFLOP/s on the two cores at 64 channels, where the row GEMMs run at about
+    140, the cores' GEMM peak). Summed over chunks of :data:`_LAG_CHUNK` samples."""
     total = None
     for start in range(0, centre.shape[0], _LAG_CHUNK):
         c, x = centre[start:start + _LAG_CHUNK], around[start:start + _LAG_CHUNK]
@@ -441,66 +440,59 @@ def _gram_direct(a: torch.Tensor, g: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return gram, sums
 
 
-def _gram_row_lag(a: torch.Tensor, g: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(AᵀA, column sums of A)`` by kernel-row lags (see :meth:`Conv2dRule.gram`); stride 1 along the height.
+def _gram_rows(a: torch.Tensor, g: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(AᵀA, column sums of A)`` from products of input rows (see :meth:`ConvRows.gram`); stride 1 along the height.
 
-    ``rows[:, r]`` is input row r's 1-D im2col along the width, laid out (C·k_w) x (B·W_out)
-    so that building it is a plain copy and every row range is a strided matrix (its
-    C·k_w rows padded with zeros to a multiple of 16, which the GEMM kernels run much
-    faster on). Kernel rows i and i + s meet on input rows r and r + dil·s for r in the
-    window of row i: ``core`` sums the central rows (in every window), one batched GEMM
-    over the lags s; the border rows' products are summed by cumulative sums over them.
+    ``rows[t]`` is one input row's 1-D im2col along the width, (C·k_w) x (B·W_out), its C·k_w rows padded
+    with zeros to a multiple of 16 (which the GEMM kernels run much faster on). Rows are stored by their
+    index modulo the dilation, so that the partners ``r + dil·s`` (s < k_h) of row r are the k_h rows after
+    its own: ``rows[t] · rows[t : t + k_h]ᵀ`` for every row is one batched GEMM over the rows. Partners past
+    a residue class's end are other rows, not zeros, but no window sums those products. The products stay
+    per row (H_pad x k_h blocks), so the windows' sums are plain sums over rows, in the working dtype.
     """
     kh, kw, dh, dw, sw = g["kh"], g["kw"], g["dh"], g["dw"], g["sw"]
-    height, out_h, out_w, channels = g["height"], g["out_h"], g["out_w"], g["channels"]
-    ph, pw = g["ph"], g["pw"]
+    height, out_h, out_w, channels, ph, pw = g["height"], g["out_h"], g["out_w"], g["channels"], g["ph"], g["pw"]
     m = channels * kw  # columns of one input row's 1-D im2col
     mp = -(-m // 16) * 16
-    central = dh * (kh - 1)  # rows [central, out_h) are read by every kernel row's window
-    below = height - out_h  # border rows under the central ones (= central for stride 1)
     span = dw * (kw - 1) + 1
-    core = a.new_zeros(kh, mp, mp)  # core[s]: central rows r against rows r + dil·s
-    top = a.new_zeros(central, kh, mp, mp)  # top[r, s]: border row r against row r + dil·s
-    bottom = a.new_zeros(below, kh, mp, mp)
-    sums = a.new_zeros(kh, mp)
-    for start, stop in _chunks(a.shape[0], (height + central) * out_w * mp):
+    per_class = -(-height // dh)  # padded row r is kept at slot (r mod dil)·per_class + r // dil
+    count = dh * per_class
+    pairs = a.new_zeros(count, mp, kh * mp)  # pairs[t, :, s·mp:(s+1)·mp]: slot t against slot t + s
+    sums = a.new_zeros(count, m) if g["sums"] else None
+    for start, stop in _chunks(a.shape[0], (count + kh) * out_w * mp):
         x = a[start:stop]
         if pw:
             x = F.pad(x, (pw, pw))
-        unfolded = x.unfold(3, span, sw)[..., ::dw].permute(1, 4, 2, 0, 3)  # C, k_w, H, B, W_out
+        unfolded = x.unfold(3, span, sw)[..., ::dw].permute(2, 1, 4, 0, 3)  # H, C, k_w, B, W_out
         per_row = unfolded.shape[3] * unfolded.shape[4]
-        # zero rows for the height padding, below the image (partners past the last row) and up to mp
-        rows = _padded_buffer((mp, height + central, per_row), x, (m, ph, x.shape[2]))
-        rows[:m, ph:ph + x.shape[2]].view(unfolded.shape).copy_(unfolded)
-
-        def partners(first: int, count: int) -> torch.Tensor:
-            """(k_h, mp, count·per_row): rows [first + dil·s, first + dil·s + count) for every lag s (a view)."""
-            return rows.as_strided((kh, mp, count * per_row), (dh * per_row, rows.stride(0), 1),
-                                   rows.storage_offset() + first * per_row)
-
-        # every lag in one batched product (the batch splits over the threads; k_h skinny GEMMs do not)
-        if out_h > central:
-            core_rows = rows[:, central:out_h].reshape(mp, -1)
-            core.baddbmm_(core_rows.expand(kh, mp, -1), partners(central, out_h - central).transpose(1, 2))
-        for first, count, out in ((0, central, top), (out_h, below, bottom)):
-            for r in range(count):
-                out[r].baddbmm_(rows[:, first + r].expand(kh, mp, per_row), partners(first + r, 1).transpose(1, 2))
-        if g["sums"]:
-            for i in range(kh):
-                sums[i] += rows[:, dh * i:dh * i + out_h].sum((1, 2))
-    # kernel rows i and i + s: core + top rows [dil·i, central) + bottom rows [out_h, out_h + dil·i)
-    zero = a.new_zeros(1, kh, mp, mp)
-    first = dh * torch.arange(kh, device=a.device)  # the lags (made on the device: a copy from the host syncs)
-    suffix = torch.cat([top.flip(0).cumsum(0).flip(0), zero])[first]  # i, s, mp, mp
-    prefix = torch.cat([zero, bottom.cumsum(0)])[first]
-    pairs = (core + suffix + prefix)[:, :, :m, :m]  # i, s, m, m
-    i, j = torch.triu_indices(kh, kh, device=a.device)  # kernel rows i <= j = i + s
+        # zero rows for the height padding and the last slots' partners, zero columns up to mp
+        rows = _padded_buffer((count + kh - 1, mp, per_row), x, (m, ph, x.shape[2], dh))
+        for residue in range(dh):
+            first_h = (residue - ph) % dh  # the first image row of this residue class
+            src = unfolded[first_h::dh]
+            slot = residue * per_class + (ph + first_h) // dh
+            rows[slot:slot + src.shape[0], :m].view(src.shape).copy_(src)
+        partners = rows.as_strided((count, kh * mp, per_row), (mp * per_row, per_row, 1), rows.storage_offset())
+        pairs.baddbmm_(rows[:count], partners.transpose(1, 2))
+        if sums is not None:
+            sums += rows[:count, :m].sum(-1)
+    pairs = pairs.view(count, mp, kh, mp).permute(0, 2, 1, 3)  # slot, lag, c, c'
+    if dh > 1:  # back to the rows' order
+        r = torch.arange(height, device=a.device)
+        order = (r % dh) * per_class + r // dh
+        pairs, sums = pairs[order], sums[order] if sums is not None else None
+    # kernel rows i and i + s: the products of the rows in kernel row i's window, [dil·i, dil·i + H_out)
     blocks = a.new_zeros(kh, kh, m, m)
-    blocks[i, j] = pairs[i, j - i]
-    blocks[j, i] = pairs[i, j - i].transpose(1, 2)
+    row_sums = a.new_zeros(kh, m)
+    for i in range(kh):
+        window = pairs[dh * i:dh * i + out_h, :kh - i, :m, :m].sum(0)
+        blocks[i, i:] = window
+        blocks[i + 1:, i] = window[1:].transpose(1, 2)
+        if sums is not None:
+            row_sums[i] = sums[dh * i:dh * i + out_h].sum(0)
     d = channels * kh * kw
     gram = blocks.view(kh, kh, channels, kw, channels, kw).permute(2, 0, 3, 4, 1, 5).reshape(d, d)
-    return gram, sums[:, :m].reshape(kh, channels, kw).transpose(0, 1).reshape(d)
+    return gram, row_sums.view(kh, channels, kw).transpose(0, 1).reshape(d)
 
 
 def _check_4d(module, a):
