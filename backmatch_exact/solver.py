@@ -290,9 +290,15 @@ def _pivot_conditions(chol: torch.Tensor) -> torch.Tensor:
     return (pivots.amax(-1) / pivots.amin(-1)) ** 2
 
 
+_SMALL = 512  # matrices up to this order are solved by one cholesky_solve (measured on two CPU cores, float32:
+# 2–4x faster than the two triangular solves at LeNet's orders, 75–150; slower from about 576 on)
+
+
 def _solve_factored(rhs: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
-    # rhs·(L Lᵀ)⁻¹ by two triangular solves from the right: no transposed copies of rhs and x (one
-    # cholesky_solve call was no faster in the measured step, and slower for many right sides)
+    """``rhs·(L Lᵀ)⁻¹``: small matrices by ``torch.cholesky_solve``; larger ones by two triangular solves from the
+    right (no transposed copies of rhs and x)."""
+    if chol.shape[-1] <= _SMALL:
+        return torch.cholesky_solve(rhs.mT, chol).mT
     return torch.linalg.solve_triangular(chol, torch.linalg.solve_triangular(chol.mT, rhs, upper=True, left=False),
                                          upper=False, left=False)
 
