@@ -14,8 +14,8 @@ rows come from is a plug-in, a :class:`RowSource`:
 
 * :class:`ExplicitRows` — A itself: the reference backend, Linear layers, the
   rows gathered from every rank under ``torch.distributed``;
-* a rule's fast source — ``Conv2dRule.row_source`` forms ``AᵀA`` by lags (2-D or
-  kernel rows), ``AAᵀ`` from the pixel Gram and ``C·A`` by a weight-gradient convolution,
+* a rule's fast source — ``Conv2dRule.row_source`` forms ``AᵀA`` by 2-D lags or
+  products of input rows, ``AAᵀ`` from the pixel Gram and ``C·A`` by a weight-gradient convolution,
   never the im2col matrix;
 * :class:`ExchangedGram` — the ranks' averaged Gram (``distributed.py``): the primal form only.
 

@@ -126,8 +126,8 @@ class ConvRows(RowSource):
         self.d = module.weight[0].numel() + (module.bias is not None)
 
     def gram(self, dtype: torch.dtype) -> torch.Tensor:
-        """``AᵀA / B`` by lags: 2-D ones on the CPU in float32 from 16 channels, stride 1 (:func:`_gram_lag`),
-        else products of input rows when the stride along the height is 1 (:func:`_gram_rows`).
+        """``AᵀA / B`` by 2-D lags on the CPU in float32 from 16 channels, stride 1 (:func:`_gram_lag`),
+        else by products of input rows when the stride along the height is 1 (:func:`_gram_rows`).
 
         Row form: an output row reads input rows ``r = u + dil·i`` (kernel row i).
         With ``A1[r]`` the 1-D im2col of input row r along the width (B·W_out x C·k_w),
