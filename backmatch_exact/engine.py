@@ -112,6 +112,12 @@ class _Queued:
     deferred: weights.Deferred
 
 
+def _extremes(t: torch.Tensor) -> list[torch.Tensor]:
+    """A tensor's least and largest entries, 0-d on its device: both finite exactly when the tensor is (a NaN
+    reaches both, ±inf one; no sum to overflow)."""
+    return list(torch.aminmax(t.detach()))
+
+
 def _read_back(values: list[torch.Tensor]) -> list[float]:
     """The batched path's host read: values of a whole pass in one transfer (where the step synchronizes)."""
     if not values:
@@ -229,7 +235,8 @@ class Engine:
         self._stats: dict[str, dict] = {}
         # param -> its g' for the parameter hook (a _Queued on the batched path until the end of backward)
         self._pending: dict[torch.Tensor, torch.Tensor | _Queued] = {}
-        self._forward_checks: list[_Check] = []  # the batched path's checks of this forward pass, in order
+        # the batched path's checked inputs of this forward pass, in order, with their verdicts: flagged at its end
+        self._forward_checks: list[tuple[torch.Tensor, Callable]] = []
         self._backward_checks: list[_Check] = []  # ... of this backward pass
         self._queue: list[_Queued] = []  # this backward pass's weight solves, in the order formed
         self._claims: dict[torch.Tensor, bool] = {}  # params whose hook ran: True where .grad was None then
@@ -466,7 +473,8 @@ class Engine:
         if output is None:  # the forward pass raised (this hook always runs)
             return None
         if self._forward_checks:  # the batched path's input checks, read once for the whole pass
-            checks, self._forward_checks = self._forward_checks, []
+            checks = [_Check(_extremes(t), verdict) for t, verdict in self._forward_checks]
+            self._forward_checks = []
             failure = _first_failure(checks, _read_back([v for check in checks for v in check.values]))
             if failure is not None:
                 raise failure
@@ -640,11 +648,12 @@ class Engine:
         if self._deferred_checks:  # a device flag, read with the others of the pass
             if not (t.is_floating_point() and t.numel()):
                 return
-            if not self._capturing:
+            verdict = functools.partial(_non_finite, path, kind, what, tuple(t.shape))
+            if self._capturing:  # flagged when the pass ends (_model_end), all at once and outside the capture mode
+                self._forward_checks.append((t.detach(), verdict))
+            else:
                 self._arm()
-            checks = self._forward_checks if self._capturing else self._backward_checks
-            values = [t.detach().amax(), t.detach().amin()]  # exact: NaN and ±inf reach one of them, no sum overflows
-            checks.append(_Check(values, functools.partial(_non_finite, path, kind, what, tuple(t.shape))))
+                self._backward_checks.append(_Check(_extremes(t), verdict))
             return
         if not _is_finite(t):
             if self.distributed is not None:  # recorded: every rank raises together at the next exchange
