@@ -155,6 +155,12 @@ def _added_outside(path: str, name: str, read: list):
                       "through attach(weight_decay=...) instead")
 
 
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same entries of the same memory (one tensor, or views alike of it)."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                      and a.dtype == b.dtype and a.device == b.device)
+
+
 def _laid_out_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``value`` as autograd would store it in an empty ``.grad``: itself if it has the parameter's strides, else a
     copy that has them."""
@@ -900,7 +906,7 @@ class Engine:
                 f"layer {layer.path!r}: parameter {name!r} received a gradient that did not pass through the "
                 "layer's output (used outside its module?)"
             )
-        if grad is not ours:  # not autograd's gradient of this very call (taken off its node): compare
+        if not _same_view(grad, ours):  # not autograd's gradient of this very call (taken off its node): compare
             self._check_own_gradient(layer.path, name, grad, ours, op.plain_grads.values())
         if not self._batched:
             return solved

@@ -2,7 +2,7 @@
 
 The fast path forms the conv Gram from products of input rows (or, on the CPU in float32 from 16 channels,
 by 2-D lags, one weight-gradient convolution of the input with itself) instead of the im2col matrix,
-takes autograd's own conv weight gradient instead of recomputing ``Sᵀ A``, solves
+takes autograd's own conv (and 2-D Linear) weight gradient instead of recomputing ``Sᵀ A``, solves
 from the Gram with one host sync, computes conv column norms as two small matrix
 products and skips the max-pool rule for disjoint windows. Each of these must give
 the reference path's numbers to rounding.
@@ -143,6 +143,40 @@ def test_conv_weight_used_outside_is_still_detected():
     with bm.attach(model, mode="exact"):
         loss = model(torch.randn(4, 2, 6, 6, dtype=DT)).sum() + model[0].weight.square().sum()
         with pytest.raises(bm.GraphError, match="outside"):
+            loss.backward()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_gradient_is_read_off_its_node_for_2d_inputs_only(monkeypatch, bias):
+    """A Linear on a 2-D input solves with ``g_W`` (and ``g_c``) as its ``mm`` / ``addmm`` node handed them out,
+    so ``p.grad`` is that very gradient and needs no comparison; on a 3-D input (a view's node) the engine
+    forms ``Sᵀ A`` and compares. Either way the answer is the reference backend's."""
+    from backmatch_exact import engine as engine_module
+    compared = []
+    real = engine_module.Engine._check_own_gradient
+
+    def counted(self, path, name, *args):
+        compared.append((path, name))
+        return real(self, path, name, *args)
+
+    monkeypatch.setattr(engine_module.Engine, "_check_own_gradient", counted)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5, bias=bias), nn.ReLU(), nn.Linear(5, 3, bias=bias), nn.Flatten()).to(DT)
+    for shape, expected in (((16, 6), []), ((4, 6, 6), ["0", "2"])):
+        x = torch.randn(*shape, dtype=DT)
+        y = torch.randint(0, 3, shape[:1])
+        compared.clear()
+        fast = run_model(model, x, y, mode="exact", damping=0.1)
+        assert sorted({path for path, _ in compared}) == expected
+        assert_paths_agree(fast, run_model(model, x, y, mode="exact", damping=0.1, backend="reference"))
+
+
+def test_linear_bias_used_outside_is_still_detected():
+    """A bias read off an ``addmm`` node is autograd's total only when nothing outside added to it."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).to(DT)
+    with bm.attach(model, mode="exact"):
+        loss = model(torch.randn(5, 4, dtype=DT)).sum() + model[2].bias.square().sum()
+        with pytest.raises(bm.GraphError, match="'2'.*'bias'.*outside"):
             loss.backward()
 
 

@@ -107,8 +107,9 @@ class LayerRule:
     def autograd_parameter_grads(self, module: nn.Module, node):
         """How to read this call's plain ``{name: g}`` of its own parameters from the ``grad_inputs`` of
         ``node``, the autograd node that made the layer's output; None when that node does not hand them out.
-        The engine checks ``p.grad`` against them by identity (nothing added outside the module), and a
-        weight layer's fast path solves with them (otherwise ``g_W = Sᵀ A``)."""
+        The engine checks ``p.grad`` against them by identity (the same tensor, or the same view of its memory:
+        nothing added outside the module), and a weight layer's fast path solves with them (otherwise
+        ``g_W = Sᵀ A``)."""
         return None
 
     def input_operator(self, module: nn.Module, a: torch.Tensor) -> "InputOperator":

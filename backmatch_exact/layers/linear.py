@@ -37,6 +37,27 @@ class LinearRule(WeightRule):
     def input_units(self, module: nn.Linear) -> int:
         return module.in_features
 
+    def autograd_parameter_grads(self, module: nn.Linear, node):
+        """A 2-D input's ``F.linear`` is ``mm(a, Wᵀ)`` (``addmm(c, a, Wᵀ)`` with a bias): the node's grad_inputs
+        hold ``g_Wᵀ`` (and ``g_c``, already summed over the batch). Read only where the node's inputs are this
+        module's parameters themselves (not a 3-D input's views, not a cast copy under autocast)."""
+        if node is None or node.name() not in ("MmBackward0", "AddmmBackward0"):
+            return None
+        edges = node.next_functions
+        transpose = edges[-1][0]
+        if not (transpose is not None and transpose.name() == "TBackward0"
+                and getattr(transpose.next_functions[0][0], "variable", None) is module.weight):
+            return None
+        if module.bias is None:
+            return lambda grad_inputs: {"weight": _transposed(grad_inputs[-1])}
+        if len(edges) != 3 or getattr(edges[0][0], "variable", None) is not module.bias:
+            return None
+        return lambda grad_inputs: {"weight": _transposed(grad_inputs[-1]), "bias": grad_inputs[0]}
+
+
+def _transposed(g):
+    return None if g is None else g.mT  # (the view autograd's TBackward0 hands the weight: the same data)
+
 
 class LinearInput(InputOperator):
     """J = W for every sample (every leading position of the input is a sample of its own)."""
