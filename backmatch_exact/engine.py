@@ -161,6 +161,12 @@ def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
                       and a.dtype == b.dtype and a.device == b.device)
 
 
+def _amplification(rule, module, weight: torch.Tensor, input_shape: tuple, signal_damping: float) -> float:
+    """A weight layer's ``amplification`` statistic, from its weight as the step had it: computed when read."""
+    shape_only = torch.empty(input_shape, device="meta")
+    return signal_amplification(rule.column_sq_norms(module, shape_only, weight), signal_damping)
+
+
 def _laid_out_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``value`` as autograd would store it in an empty ``.grad``: itself if it has the parameter's strides, else a
     copy that has them."""
@@ -810,9 +816,9 @@ class Engine:
         """A weight layer's stats row, from its solve's ``info`` and what ``joined`` this pass's row before it (the
         joint signal's statistics, on the batched path); the first unresolved solve warns."""
         module, path = op.module, op.path
-        with self.timing.part(path, "column_norms"):
-            col_sq = op.rule.column_sq_norms(module, op.input)  # this step's weights; reduced if read
-        amplification = functools.partial(signal_amplification, col_sq, self.signal_damping)
+        weight = module.weight.detach().clone()  # this step's (an optimizer's step changes it in place)
+        amplification = functools.partial(_amplification, op.rule, module, weight, tuple(op.input.shape),
+                                          self.signal_damping)
         row = weights.stats_row(path, type(module).__name__, source, module.weight.shape[0], info, amplification)
         if exchange is not None:
             row["exchange"] = exchange

@@ -1,5 +1,6 @@
 """The engine as a whole: modes, detach, whole-network identities, bad input."""
 
+import copy
 import gc
 import warnings
 import weakref
@@ -468,6 +469,26 @@ def test_statistics_the_answer_does_not_need_are_computed_when_read():
         late = engine.stats()
     assert all(s["residual"] != s["residual"] and s["amplification"] != s["amplification"] for s in late)
     assert [s["path"] for s in late] == [s["path"] for s in read]  # (what was known at once stays)
+
+
+def test_amplification_read_after_the_optimizer_step_describes_the_step_weights():
+    """``amplification`` is computed when read, from a copy of the weights the backward pass solved with: an
+    optimizer step (here one input unit's weights shrunk 1000-fold, in place) before ``stats()`` changes
+    nothing in it."""
+    model, x, y = _lenet(), *_batch(8)
+    readings = []
+    for shrink in (False, True):
+        net = copy.deepcopy(model)
+        with bm.attach(net, mode="exact") as engine:
+            F.cross_entropy(net(x), y).backward()
+            if shrink:
+                with torch.no_grad():
+                    for module in net.modules():
+                        if isinstance(module, (nn.Linear, nn.Conv2d)):
+                            module.weight[:, 0] *= 1e-3
+            readings.append([s["amplification"] for s in engine.stats()])
+    assert readings[0] == readings[1]
+    assert all(a >= 1.0 for a in readings[0])
 
 
 # ------------------------------------------------------------------ precision

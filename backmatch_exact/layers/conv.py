@@ -53,11 +53,12 @@ class Conv2dRule(WeightRule):
                 "give the padding as numbers"
             )
 
-    def column_sq_norms(self, module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    def column_sq_norms(self, module: nn.Conv2d, a: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         # eq. 22's c(j, p). The output grid is a product of two 1-D grids, so c(j, ·) = R_h · S_j · R_wᵀ with
         # S_j = Σ_k W[k,j]² and R[p, v] = 1 where kernel offset v of some output position reads input position
-        # p: two small matrix products (a transposed convolution of ones with W² gives the same, slower)
-        w_sq = module.weight.detach() ** 2
+        # p: two small matrix products (a transposed convolution of ones with W² gives the same, slower).
+        # Only a's shape is read; ``weight``: a copy of the module's to use instead
+        w_sq = (module.weight if weight is None else weight).detach() ** 2
         height, width = a.shape[-2:]
         out_h, out_w = _output_size(module, height, width)
         (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation

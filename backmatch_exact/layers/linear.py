@@ -18,8 +18,9 @@ from .base import WeightRule, append_ones_column, mean_sq_column_norm
 
 
 class LinearRule(WeightRule):
-    def column_sq_norms(self, module: nn.Linear, a: torch.Tensor) -> torch.Tensor:
-        return (module.weight.detach() ** 2).sum(dim=0)  # eq. 12: w_jᵀ w_j
+    def column_sq_norms(self, module: nn.Linear, a: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """eq. 12: ``w_jᵀ w_j`` (``weight``: a copy of the module's to use instead)."""
+        return ((module.weight if weight is None else weight).detach() ** 2).sum(dim=0)
 
     def input_operator(self, module: nn.Linear, a: torch.Tensor) -> "LinearInput":
         return LinearInput(module.weight.detach().clone(), self.column_sq_norms(module, a))

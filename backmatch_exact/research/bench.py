@@ -63,7 +63,7 @@ from .common import (
 MODES = ("plain", "bp", "approx", "exact", "exact_weights", "exact_joint")
 DEFAULT_MODES = MODES[:-1]
 SOLVE_DTYPES = ("", "float32", "float64")  # after "@" in a mode name: attach(solve_dtype=...)
-PARTS = ("gram", "weight_grad", "factor", "solve", "dual", "column_norms", "input_signal", "signal_gram", "signal")
+PARTS = ("gram", "weight_grad", "factor", "solve", "dual", "input_signal", "signal_gram", "signal")
 #: the modes whose steps get a per-layer breakdown, and the suffix of their report keys
 PROFILED = {"exact": "", "exact_joint": "_exact_joint"}
 
