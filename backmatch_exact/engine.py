@@ -570,6 +570,8 @@ class Engine:
                 if op.values:
                     op.values[0].uses.pop()
                 return None
+            if layer.rule.normalizes and self.mode in ("exact", "exact_weights"):  # its statistics, for backward
+                layer.rule.remember(module, op.input, output.grad_fn)
             if layer.output_hook:
                 node = output.grad_fn
                 reader = layer.rule.autograd_parameter_grads(module, node) if layer.has_parameters else None

@@ -417,6 +417,32 @@ def test_batchnorm_training_mode_is_the_diagonal_answer_bit_for_bit():
     assert torch.equal(solved["bias"], (plain["bias"] + 0.01 * layer.bias.detach()) / 30)
 
 
+@pytest.mark.parametrize("mode", ["exact", "exact_weights"])
+def test_batchnorm_batch_statistics_are_read_off_its_autograd_node(monkeypatch, mode):
+    """In training, the exact modes take the batch mean and σ = 1/invstd that torch's kernel saved on the layer's
+    node instead of reducing the input again; the answer is the one from reducing it, to rounding."""
+    from backmatch_exact.layers import normalization
+    reductions = []
+    real = normalization._batch_moments
+    monkeypatch.setattr(normalization, "_batch_moments", lambda module, a: reductions.append(a.shape) or real(module, a))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5),
+                          nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(8, 3, 6, 6, dtype=torch.float64), torch.arange(8) % 3
+    results = []
+    for read_off_node in (True, False):
+        if not read_off_node:
+            monkeypatch.setattr(normalization.BatchNormRule, "remember", lambda self, module, a, node: None)
+        reductions.clear()
+        model.zero_grad(set_to_none=True)
+        with bm.attach(model, mode=mode, damping=0.1):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        results.append([p.grad.clone() for p in model.parameters()])
+        assert bool(reductions) != read_off_node, reductions
+    for node_read, reduced in zip(*results):
+        torch.testing.assert_close(node_read, reduced, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["1d", "1d-seq", "2d"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.3])
 def test_batchnorm_eval_gram_averaged_over_shards_is_the_whole_batch_answer(kind, weight_decay):

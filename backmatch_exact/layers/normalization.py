@@ -91,20 +91,27 @@ class NormalizationRule(LayerRule):
     needs_output_signal = True
     normalizes = True
 
-    _last = None  # (input, its version, module, statistics): the last call's, which its next questions reuse
+    def __init__(self):
+        # per module: (its last input, that input's version, its statistics), which the call's next questions reuse
+        self._known = weakref.WeakKeyDictionary()
 
     def statistics(self, module, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, σ) as the layer normalized ``a`` with, each broadcastable against ``a``.
 
-        Computed once per input: a call's numerator, denominator and γ, β solve ask in turn (one reduction
-        over the input each time otherwise, a third of BatchNorm's share of an exact step).
+        Computed once per input (or taken from the layer's autograd node, :meth:`remember`): a call's
+        numerator, denominator and γ, β solve ask in turn (one reduction over the input each time otherwise,
+        a third of BatchNorm's share of an exact step).
         """
-        last = self._last
-        if last is not None and last[0]() is a and last[1] == a._version and last[2] is module:
-            return last[3]
+        known = self._known.get(module)
+        if known is not None and known[0]() is a and known[1] == a._version:
+            return known[2]
         result = self._statistics(module, a.detach())
-        self._last = (weakref.ref(a), a._version, module, result)
+        self._known[module] = (weakref.ref(a), a._version, result)
         return result
+
+    def remember(self, module, a: torch.Tensor, node) -> None:
+        """Keep the statistics ``node``, the autograd node of the call that normalized ``a``, saved, where it saved
+        them (:meth:`statistics` then reduces nothing)."""
 
     # ---------------------------------------------------------------- what differs
     def _statistics(self, module, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,6 +234,15 @@ class NormalizationRule(LayerRule):
 
 class BatchNormRule(NormalizationRule):
     """BatchNorm1d/2d and SyncBatchNorm: per channel, over the batch and the locations."""
+
+    def remember(self, module, a, node):
+        """torch's batch norm kernel saves the batch mean and 1/σ with batch statistics (σ = 1/that differs from
+        ``sqrt(Var + eps)`` by rounding); running statistics are read from the module anyway."""
+        if node is None or node.name() != "NativeBatchNormBackward0" or not self.centered(module):
+            return
+        mean, inverse = node._saved_result1, node._saved_result2
+        if mean.dtype == a.dtype and mean.shape == (a.shape[1],):
+            self._known[module] = (weakref.ref(a), a._version, (_channel_view(mean, a), _channel_view(1.0 / inverse, a)))
 
     def _statistics(self, module, a):
         if module.training or module.running_mean is None:
