@@ -73,20 +73,6 @@ class _Layer:
     check_input: bool = False  # ... checks its input for NaN in the forward pass
 
 
-class _NumeratorTap(torch.autograd.Function):
-    """Identity forward at a layer's input; backward replaces autograd's ``Jᵀ g_b`` by the rule's numerator."""
-
-    @staticmethod
-    def forward(ctx, x, engine, op):
-        ctx.engine, ctx.op = engine, op
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        op = ctx.op
-        return op.rule.numerator(op.module, op.input, grad, op.grad_output, ctx.engine.approximations), None, None
-
-
 def _is_finite(t: torch.Tensor) -> bool:
     # one pass instead of isfinite's several: a NaN or ±inf anywhere makes the sum non-finite (an
     # overflowing sum of finite values only sends us to the exact test)
@@ -553,7 +539,9 @@ class Engine:
             self._check_finite(x, "input", layer.path, module)  # approx mode: in _param_grad, only if needed
         changed = False
         if self._matched_signals and x.requires_grad and layer.rule.transforms_numerator(self.approximations):
-            x, changed = _NumeratorTap.apply(x, self, op), True
+            # a tap: a view of the input whose node hands the rule's numerator down instead of autograd's Jᵀ g_b
+            x, changed = x.view_as(x), True
+            x.grad_fn.register_hook(functools.partial(self._numerator, op))
         if getattr(module, "inplace", False):
             x, changed = x.clone(), True  # the in-place op writes to our copy: the value stays as it was
         return (x,) if changed else None
@@ -675,6 +663,11 @@ class Engine:
             raise _non_finite_error(path, kind, what, tuple(t.shape))
 
     # -------------------------------------------------------------- backward
+    def _numerator(self, op: Op, grad_inputs, grad_outputs):
+        """Hook on the node of a layer's input tap (``_before``): autograd's ``Jᵀ g_b`` replaced by the rule's
+        numerator, which the value's hook then divides (a consumer whose numerator is not autograd's)."""
+        return (op.rule.numerator(op.module, op.input, grad_inputs[0], op.grad_output, self.approximations),)
+
     def _value_signal(self, forward: int, value: Value, grad: torch.Tensor):
         """Tensor hook of a value: the back-matched signal from the sum of its consumers' backprop signals."""
         self._check_current(forward, f"layer {value.producer.path!r}" if value.producer else "the model's input")
