@@ -367,7 +367,6 @@ class Engine:
         self._values = {}
         for x in tensors_requiring_grad(args, {}):
             self._produce(x, None)
-        self._capture.inside = 0
         self._capture.__enter__()
         self._capturing = True
         return None
@@ -519,7 +518,7 @@ class Engine:
             return None
         if not self._capturing:
             raise GraphError(f"layer {layer.path!r} ran outside a forward pass of the attached model")
-        self._capture.inside += 1  # until _after: the module's own work (and ours) is not glue
+        self._capture.enter_leaf()  # until _after: the module's own work (and ours) is not glue
         if len(args) != 1 or not isinstance(args[0], torch.Tensor):
             raise GraphError(f"layer {layer.path!r} must take exactly one tensor input")
         if layer.has_parameters and layer.forward == self._forwards:
@@ -571,7 +570,7 @@ class Engine:
                     node.register_hook(functools.partial(self._node_parameter_grads, op, reader))
             self._produce(output, op)
         finally:
-            self._capture.inside -= 1
+            self._capture.leave_leaf()
         return None
 
     def _functional(self, func, args, kwargs):

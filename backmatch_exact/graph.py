@@ -95,18 +95,52 @@ class Op:
 class Capture(TorchFunctionMode):
     """Active during the model's forward pass: hands every torch function called outside a leaf module to
     ``on_call(func, args, kwargs)``, which runs it. A bound method is held weakly (the engine owns its
-    Capture: a strong reference back would make the two a cycle that only Python's collector frees)."""
+    Capture: a strong reference back would make the two a cycle that only Python's collector frees).
+
+    While a leaf module runs (``enter_leaf`` .. ``leave_leaf``) its calls are not glue: the mode steps off the
+    stack if it is on top (every call through a mode costs Python work: ~30 µs for a tensor hook's
+    ``register_hook``), else it stays and passes them through.
+    """
 
     def __init__(self, on_call):
         super().__init__()
         self._on_call = weakref.WeakMethod(on_call) if inspect.ismethod(on_call) else (lambda: on_call)
         self.inside = 0  # > 0 while a supported leaf module (or the engine's own hook) runs
+        self._depth = None  # the mode stack's length with this mode on top
+        self._off = False  # stepped off the stack for a leaf module
+
+    def __enter__(self):
+        self.inside, self._off = 0, False
+        super().__enter__()
+        self._depth = _stack_length() if _stack_length is not None else None
+        return self
+
+    def __exit__(self, *exc):
+        if not self._off:  # (off when a leaf module raised, or the model is itself a leaf: nothing to pop)
+            super().__exit__(*exc)
+        self._off = False
+
+    def enter_leaf(self) -> None:
+        self.inside += 1
+        if self.inside == 1 and self._depth is not None and _stack_length() == self._depth:
+            super().__exit__(None, None, None)
+            self._off = True
+
+    def leave_leaf(self) -> None:
+        self.inside -= 1
+        if self.inside == 0 and self._off:
+            self._off = False
+            super().__enter__()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.inside:
             return func(*args, **kwargs)
         return self._on_call()(func, args, kwargs)
+
+
+# the torch-function mode stack's length (a user's mode pushed inside the forward pass sits above Capture)
+_stack_length = getattr(torch._C, "_len_torch_function_stack", None)
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))

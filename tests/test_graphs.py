@@ -383,6 +383,61 @@ def test_fan_out_is_not_the_sum_of_per_consumer_signals():
     assert np.abs(naive - want_x).max() > 0.1 * np.abs(want_x).max()
 
 
+def test_capture_steps_off_for_leaf_modules_and_keeps_a_users_mode_in_place(monkeypatch):
+    """Inside a leaf module the capture mode leaves the stack (its calls are not glue); a torch-function mode the
+    model's own forward enters around a module call stays where it is: it still sees the calls after the
+    module's, and the answer is the same as without it."""
+    from torch.overrides import TorchFunctionMode
+
+    from backmatch_exact import graph
+    seen = []
+    real = graph.Capture.__torch_function__
+
+    def counted(self, func, types, args=(), kwargs=None):
+        seen.append(getattr(func, "__name__", str(func)))
+        return real(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(graph.Capture, "__torch_function__", counted)
+
+    class Watch(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    class Net(nn.Module):
+        def __init__(self, watch):
+            super().__init__()
+            self.conv, self.fc, self.watch = nn.Conv2d(2, 3, 3), nn.Linear(12, 2), watch
+
+        def forward(self, x):
+            if self.watch is None:
+                return self.fc(torch.relu(self.conv(x)).flatten(1))
+            with self.watch:
+                h = torch.relu(self.conv(x))
+            return self.fc(h.flatten(1))
+
+    x, y = torch.randn(4, 2, 4, 4, dtype=DT), torch.arange(4) % 2
+    grads = []
+    for watch in (None, Watch()):
+        torch.manual_seed(1)
+        model = Net(watch).to(DT)
+        seen.clear()
+        with bm.attach(model, mode="exact", damping=0.1):
+            F.cross_entropy(model(x), y).backward()
+        grads.append([p.grad for p in model.parameters()])
+        if watch is None:
+            assert seen == ["relu", "flatten"]  # the glue only: no conv2d, linear or the engine's own calls
+        else:
+            assert "relu" in watch.seen and "flatten" in seen  # the user's mode stayed on top of the capture
+        assert torch._C._len_torch_function_stack() == 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
 # ------------------------------------------------------------------ what is refused
 class _Glue(nn.Module):
     def __init__(self, op):
