@@ -424,7 +424,8 @@ def test_batchnorm_batch_statistics_are_read_off_its_autograd_node(monkeypatch, 
     from backmatch_exact.layers import normalization
     reductions = []
     real = normalization._batch_moments
-    monkeypatch.setattr(normalization, "_batch_moments", lambda module, a: reductions.append(a.shape) or real(module, a))
+    monkeypatch.setattr(normalization, "_batch_moments",
+                        lambda module, a: reductions.append(a.shape) or real(module, a))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5),
                           nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).double()

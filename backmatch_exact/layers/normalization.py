@@ -242,7 +242,8 @@ class BatchNormRule(NormalizationRule):
             return
         mean, inverse = node._saved_result1, node._saved_result2
         if mean.dtype == a.dtype and mean.shape == (a.shape[1],):
-            self._known[module] = (weakref.ref(a), a._version, (_channel_view(mean, a), _channel_view(1.0 / inverse, a)))
+            statistics = _channel_view(mean, a), _channel_view(1.0 / inverse, a)
+            self._known[module] = (weakref.ref(a), a._version, statistics)
 
     def _statistics(self, module, a):
         if module.training or module.running_mean is None:
