@@ -98,12 +98,6 @@ class _Queued:
     deferred: weights.Deferred
 
 
-def _extremes(t: torch.Tensor) -> list[torch.Tensor]:
-    """A tensor's least and largest entries, 0-d on its device: both finite exactly when the tensor is (a NaN
-    reaches both, ±inf one; no sum to overflow)."""
-    return list(torch.aminmax(t.detach()))
-
-
 def _read_back(values: list[torch.Tensor]) -> list[float]:
     """The batched path's host read: values of a whole pass in one transfer (where the step synchronizes)."""
     if not values:
@@ -470,7 +464,7 @@ class Engine:
         if output is None:  # the forward pass raised (this hook always runs)
             return None
         if self._forward_checks:  # the batched path's input checks, read once for the whole pass
-            checks = [_Check(_extremes(t), verdict) for t, verdict in self._forward_checks]
+            checks = [_Check(solver.extremes(t), verdict) for t, verdict in self._forward_checks]
             self._forward_checks = []
             failure = _first_failure(checks, _read_back([v for check in checks for v in check.values]))
             if failure is not None:
@@ -557,10 +551,10 @@ class Engine:
                 if op.values:
                     op.values[0].uses.pop()
                 return None
-            if layer.rule.normalizes and self.mode in ("exact", "exact_weights"):  # its statistics, for backward
-                layer.rule.remember(module, op.input, output.grad_fn)
             if layer.output_hook:
                 node = output.grad_fn
+                if layer.rule.normalizes:  # the statistics it normalized with, for its backward rules
+                    layer.rule.remember(module, op.input, node)
                 reader = layer.rule.autograd_parameter_grads(module, node) if layer.has_parameters else None
                 solved_at_node = reader is not None and layer.rule.has_weights and self.backend == "fast"
                 node.register_prehook(functools.partial(self._output_signal, self._forwards, op, solved_at_node))
@@ -654,7 +648,7 @@ class Engine:
                 self._forward_checks.append((t.detach(), verdict))
             else:
                 self._arm()
-                self._backward_checks.append(_Check(_extremes(t), verdict))
+                self._backward_checks.append(_Check(solver.extremes(t), verdict))
             return
         if not _is_finite(t):
             if self.distributed is not None:  # recorded: every rank raises together at the next exchange

@@ -237,7 +237,7 @@ def factor_batch(problems: list[Problem], layers: list[str], timing: Timing = NO
                     if isinstance(problem.damping, torch.Tensor):
                         values.append(problem.damping)
                     if form:
-                        values += [answer.amax(), answer.amin()]  # (NaN propagates through both)
+                        values += extremes(answer)
                     results[i] = answer, residual, values
                 start = stop
     return results
@@ -246,11 +246,11 @@ def factor_batch(problems: list[Problem], layers: list[str], timing: Timing = NO
 def accept(problem: Problem, answer: torch.Tensor, residual, read: list[float], layer: str = ""):
     """:func:`factor_batch`'s answer to ``problem`` as :func:`solve` gives it, from its ``values`` read back; None
     where the pivots do not prove the matrix (then :func:`eigh_solve`, as :func:`solve` would go on)."""
-    failed, condition, damping, extremes = _unpack(problem, read)
+    failed, condition, damping, bounds = _unpack(problem, read)
     if failed != 0 or not condition < max_cholesky_condition(problem.matrix.dtype):
         return None
     path = problem.form + "cholesky"
-    if not all(math.isfinite(v) for v in extremes):
+    if not all(math.isfinite(v) for v in bounds):
         raise NonFiniteError(f"layer {layer}: the back-matched weight gradient is not finite ({path} solve)")
     return _finished(problem, answer, residual, path, _rank(problem.matrix), condition, damping, "", True)
 
@@ -282,6 +282,12 @@ def _finished(problem: Problem, answer, residual, path, rank, condition, damping
     matrix = problem.matrix
     return answer.to(problem.dtype), SolveInfo(path, matrix.shape[-1], rank, condition, damping, residual, fallback,
                                                resolved, matrix.dtype, _groups(matrix))
+
+
+def extremes(t: torch.Tensor) -> list[torch.Tensor]:
+    """A tensor's least and largest entries, 0-d on its device: both finite exactly when the tensor is (a NaN
+    reaches both, ±inf one; no sum to overflow)."""
+    return list(torch.aminmax(t.detach()))
 
 
 def _pivot_conditions(chol: torch.Tensor) -> torch.Tensor:

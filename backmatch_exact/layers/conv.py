@@ -189,10 +189,8 @@ class ConvRows(RowSource):
         grad_output = coeffs.T.reshape(a.shape[0], out_h * out_w, r).transpose(1, 2).reshape(
             a.shape[0], r, out_h, out_w)
         has_bias = module.bias is not None
-        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_output, a.to(coeffs.dtype), a.new_empty((r,) + tuple(module.weight.shape[1:]), dtype=coeffs.dtype),
-            [r] if has_bias else None, list(module.stride), list(_int_padding(module)), list(module.dilation), False,
-            [0, 0], 1, [False, True, has_bias])
+        grad_w, grad_b = _weight_gradient(grad_output, a.to(coeffs.dtype), module.kernel_size, module.stride,
+                                          _int_padding(module), module.dilation, has_bias)
         flat = grad_w.reshape(r, -1)
         return torch.cat([flat, grad_b[:, None]], 1) if has_bias else flat
 
@@ -329,12 +327,21 @@ def _lag_products(centre: torch.Tensor, around: torch.Tensor, kernel: tuple, pad
     140, the cores' GEMM peak). Summed over chunks of :data:`_LAG_CHUNK` samples."""
     total = None
     for start in range(0, centre.shape[0], _LAG_CHUNK):
-        c, x = centre[start:start + _LAG_CHUNK], around[start:start + _LAG_CHUNK]
-        part = torch.ops.aten.convolution_backward(c, x, x.new_empty((c.shape[1], x.shape[1]) + tuple(kernel)), None,
-                                                   [1, 1], list(padding), list(dilation), False, [0, 0], 1,
-                                                   [False, True, False])[1]
+        part = _weight_gradient(centre[start:start + _LAG_CHUNK], around[start:start + _LAG_CHUNK], kernel, (1, 1),
+                                padding, dilation)[0]
         total = part if total is None else total.add_(part)
     return total
+
+
+def _weight_gradient(grad_output: torch.Tensor, x: torch.Tensor, kernel, stride, padding, dilation,
+                     bias: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(g_W, g_b)`` of a convolution of ``x`` (one group) whose output gradient is ``grad_output``, by torch's
+    weight-gradient kernel (no im2col); ``g_b`` None unless ``bias``."""
+    _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_output, x, x.new_empty((grad_output.shape[1], x.shape[1]) + tuple(kernel)),
+        [grad_output.shape[1]] if bias else None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
+        [False, True, bias])
+    return grad_w, grad_b
 
 
 def _left_out(size: int, k: int, d: int, p: int) -> dict[int, list[int]]:

@@ -106,8 +106,11 @@ class NormalizationRule(LayerRule):
         if known is not None and known[0]() is a and known[1] == a._version:
             return known[2]
         result = self._statistics(module, a.detach())
-        self._known[module] = (weakref.ref(a), a._version, result)
+        self._keep(module, a, result)
         return result
+
+    def _keep(self, module, a: torch.Tensor, statistics: tuple) -> None:
+        self._known[module] = (weakref.ref(a), a._version, statistics)
 
     def remember(self, module, a: torch.Tensor, node) -> None:
         """Keep the statistics ``node``, the autograd node of the call that normalized ``a``, saved, where it saved
@@ -242,8 +245,7 @@ class BatchNormRule(NormalizationRule):
             return
         mean, inverse = node._saved_result1, node._saved_result2
         if mean.dtype == a.dtype and mean.shape == (a.shape[1],):
-            statistics = _channel_view(mean, a), _channel_view(1.0 / inverse, a)
-            self._known[module] = (weakref.ref(a), a._version, statistics)
+            self._keep(module, a, (_channel_view(mean, a), _channel_view(1.0 / inverse, a)))
 
     def _statistics(self, module, a):
         if module.training or module.running_mean is None:
