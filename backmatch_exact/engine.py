@@ -194,8 +194,8 @@ class Engine:
         # the batched path: exact modes on one process (DDP's reducer reads .grad during backward, so under
         # torch.distributed each solve is done as its signal arrives). The weight solves of a backward pass are
         # factored at its end, same sizes in one call, and the step's checks are read back once there
-        # (_end_backward); the forward pass's input checks once at its end (_model_end). signals="joint" checks
-        # as it goes: its solves would meet a NaN first and fail with a less clear error. The reference backend, a
+        # (_end_backward), the forward pass's input checks with them (flagged in _model_end). signals="joint"
+        # checks as it goes: its solves would meet a NaN first and fail with a less clear error. The reference backend, a
         # check, solves as it goes too: queued, its problems would hold every layer's explicit rows to the end
         # (VGG11 at batch 128 in float64: 2.05 GB over the model's own instead of 1.57).
         self._batched = (self.batch_solves and mode in ("exact", "exact_weights") and self.distributed is None
@@ -229,7 +229,8 @@ class Engine:
         self._pending: dict[torch.Tensor, torch.Tensor | _Queued] = {}
         # the batched path's checked inputs of this forward pass, in order, with their verdicts: flagged at its end
         self._forward_checks: list[tuple[torch.Tensor, Callable]] = []
-        self._backward_checks: list[_Check] = []  # ... of this backward pass
+        self._input_checks: list[_Check] = []  # ... flagged: read with each backward pass's checks, first
+        self._backward_checks: list[_Check] = []  # the checks of this backward pass
         self._queue: list[_Queued] = []  # this backward pass's weight solves, in the order formed
         self._claims: dict[torch.Tensor, bool] = {}  # params whose hook ran: True where .grad was None then
         self._armed_task = None  # autograd's graph task whose end _end_backward is queued for
@@ -377,7 +378,8 @@ class Engine:
         self._input_hooks.clear()
         for layer in self.layers:
             layer.op = None
-        self._forward_checks, self._backward_checks, self._queue, self._claims = [], [], [], {}
+        self._forward_checks, self._input_checks, self._backward_checks = [], [], []
+        self._queue, self._claims = [], {}
 
     def _check_current(self, forward: int, where: str) -> None:
         """A backward hook of forward pass ``forward``: refuse it unless that pass is the model's last one."""
@@ -463,12 +465,10 @@ class Engine:
         values, self._values = self._values, {}  # (the produced tensors are not kept past the forward pass)
         if output is None:  # the forward pass raised (this hook always runs)
             return None
-        if self._forward_checks:  # the batched path's input checks, read once for the whole pass
-            checks = [_Check(solver.extremes(t), verdict) for t, verdict in self._forward_checks]
-            self._forward_checks = []
-            failure = _first_failure(checks, _read_back([v for check in checks for v in check.values]))
-            if failure is not None:
-                raise failure
+        # the batched path's input checks: flagged now, outside the capture mode, and read with the backward
+        # pass's checks (first, in order: a NaN input is named before the signals it makes)
+        self._input_checks = [_Check(solver.extremes(t), verdict) for t, verdict in self._forward_checks]
+        self._forward_checks = []
         if isinstance(output, torch.Tensor) and output.requires_grad and values.get(id(output), (None,))[0] \
                 is not output:
             raise GraphError("the model's output was not made by a supported module or op in its forward pass")
@@ -948,7 +948,7 @@ class Engine:
         if task == self._armed_task:
             return
         self._armed_task = task
-        self._queue, self._claims, self._backward_checks = [], {}, []
+        self._queue, self._claims, self._backward_checks = [], {}, list(self._input_checks)
         self._pending.clear()
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
 
@@ -1100,10 +1100,11 @@ def attach(model: nn.Module, mode: str = "exact", damping: float = 0.0, signal_d
     batch_solves: in the exact modes on one process with the fast backend (default True), each backward pass
     forms its weight solves as the signals arrive and factors them at its end, the
     matrices of one size in one batched ``torch.linalg`` call; everything the step checks
-    (the Cholesky pivots, NaN in the signals) is read back to the host at once there, and
-    the forward pass's input checks once at its end. ``.grad`` is written then, and is
-    the same as with False, which solves and checks each layer as its signal arrives
-    (as every step under torch.distributed does).
+    (the Cholesky pivots, NaN in the signals and in the forward pass's layer inputs) is
+    read back to the host at once there: a NaN input raises from ``backward()``, not
+    from the forward pass. ``.grad`` is written then, and is the same as with False,
+    which solves and checks each layer as its signal arrives (as every step under
+    torch.distributed does).
     process_group: data parallelism over torch.distributed (``distributed.py``). A
     ``DistributedDataParallel`` model is unwrapped (hooks on ``model.module``,
     ``engine.model`` is that module) and exchanges over ``model.process_group``

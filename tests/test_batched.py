@@ -153,19 +153,28 @@ def _bad_signal_step(model, x, y):
 
 @pytest.mark.parametrize("mode", ["exact", "exact_weights"])
 def test_a_nan_is_named_as_before_and_grad_is_left_alone(mode):
-    """A NaN input is named in the forward pass, a NaN signal by the backward pass, each with the per-layer
-    path's message (its first bad layer). A failed backward pass writes no ``.grad``: empty ones stay empty,
-    accumulated ones keep their values."""
+    """A NaN input is named by the per-layer path in the forward pass; the batched path flags it there and
+    names it with the backward pass's one read, before the NaN signals it made. A NaN signal is named by the
+    backward pass. Each with the per-layer path's message (its first bad layer). A failed backward pass writes
+    no ``.grad``: empty ones stay empty, accumulated ones keep their values."""
     model = _model("lenet")
     x, y = _data(4)
     bad = x.clone()
     bad[1, 0, 3, 3] = float("nan")
-    messages = []
-    for batch_solves in (True, False):
-        with bm.attach(model, mode=mode, batch_solves=batch_solves):
-            with pytest.raises(bm.NonFiniteError) as error:
-                model(bad)
-            messages.append(str(error.value))
+    with bm.attach(model, mode=mode, batch_solves=False):
+        with pytest.raises(bm.NonFiniteError) as error:
+            model(bad)
+        messages = [str(error.value)]
+    with bm.attach(model, mode=mode):
+        out = model(bad)  # (flagged, not read: no error yet)
+        assert out.isnan().any()
+        with pytest.raises(bm.NonFiniteError) as error:
+            F.cross_entropy(out, y).backward()
+        messages.append(str(error.value))
+        assert all(p.grad is None for p in model.parameters())
+        F.cross_entropy(model(x), y).backward()  # the next forward pass's checks are its own
+        assert all(p.grad is not None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
     assert messages[0] == messages[1] == "layer 'cv1' (Conv2d): input of shape (4, 3, 32, 32) contains NaN or infinity"
 
     signal_messages = []
@@ -241,10 +250,10 @@ def test_autograd_grad_with_respect_to_the_parameters_returns_the_back_matched_g
 
 
 @pytest.mark.parametrize("name, mode", [("lenet", "exact"), ("resnet8", "exact_weights")])
-def test_an_exact_step_reads_back_once_per_pass(monkeypatch, name, mode):
+def test_an_exact_step_reads_back_once(monkeypatch, name, mode):
     """The CPU's view of the one host sync: in a step, no tensor becomes a Python value anywhere but in the
-    engine's ``_read_back``, called once at the end of the forward pass (the input checks) and once at the
-    end of backward (every solve's checks, λ, the signals' checks)."""
+    engine's ``_read_back``, called once, at the end of backward (every solve's checks, λ, the signals' checks
+    and the forward pass's input checks)."""
     model = _model(name)
     x, y = _data(4)
     reads, outside, inside = [], [], []
@@ -274,7 +283,7 @@ def test_an_exact_step_reads_back_once_per_pass(monkeypatch, name, mode):
         F.cross_entropy(model(x), y).backward()
         monkeypatch.undo()
         stats = engine.stats()
-    assert outside == [] and len(reads) == 2
+    assert outside == [] and len(reads) == 1
     assert all(row["path"] in ("cholesky", "dual-cholesky") and row["damping"] > 0 for row in stats)
 
 
@@ -282,10 +291,9 @@ def test_an_exact_step_reads_back_once_per_pass(monkeypatch, name, mode):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_an_exact_step_on_cuda_synchronizes_only_to_read_back(monkeypatch):
     """Under ``torch.cuda.set_sync_debug_mode("error")`` every synchronizing call raises. Here only the engine's
-    ``_read_back`` (wrapped by the test to allow it) may synchronize: once at the end of the forward pass, once
-    at the end of backward. A first step runs before, unchecked: it fills the shape caches, whose first use
-    copies small index tensors to the device. Damping keeps every float32 Cholesky proven (a fallback may read
-    back more)."""
+    ``_read_back`` (wrapped by the test to allow it) may synchronize, once, at the end of backward. A first
+    step runs before, unchecked: it fills the shape caches, whose first use copies small index tensors to the
+    device. Damping keeps every float32 Cholesky proven (a fallback may read back more)."""
     torch.manual_seed(0)
     model = bm.models.lenet_bn().cuda()
     x, y = (t.cuda() for t in _data(32))
@@ -312,6 +320,6 @@ def test_an_exact_step_on_cuda_synchronizes_only_to_read_back(monkeypatch):
         finally:
             torch.cuda.set_sync_debug_mode("default")
         stats = engine.stats()
-    assert len(calls) == 2
+    assert len(calls) == 1
     assert all(row["path"] in ("cholesky", "dual-cholesky") for row in stats)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), expected))

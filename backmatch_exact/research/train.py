@@ -382,13 +382,15 @@ def train_config(config: Config, tensors: dict, args: argparse.Namespace, out: P
                     optimizer.zero_grad(set_to_none=True)
                     logits = net(x)
                     loss = F.cross_entropy(logits, y)
+                    # backward before the loss is read: the engine names a NaN input with its one read-back
+                    # at the end of backward, and the read waits for the queued work only once
+                    loss.backward()
                     local = loss.item()
                     value = ranks.sum([local])[0] / ranks.size  # the global batch's loss
                     if not math.isfinite(value):
                         raise Diverged(step, f"non-finite loss {value}")
                     if value > args.max_loss:
                         raise Diverged(step, f"loss {value:.4g} above --max-loss {args.max_loss:g}")
-                    loss.backward()
                 except (bm.NonFiniteError, bm.SolveError) as err:
                     raise Diverged(step, f"{type(err).__name__}: {err}") from None
                 optimizer.step()
