@@ -485,23 +485,36 @@ def _gram_rows(a: torch.Tensor, g: dict) -> tuple[torch.Tensor, torch.Tensor]:
         pairs.baddbmm_(rows[:count], partners.transpose(1, 2))
         if sums is not None:
             sums += rows[:count, :m].sum(-1)
-    pairs = pairs.view(count, mp, kh, mp).permute(0, 2, 1, 3)  # slot, lag, c, c'
-    if dh > 1:  # back to the rows' order
-        r = torch.arange(height, device=a.device)
-        order = (r % dh) * per_class + r // dh
-        pairs, sums = pairs[order], sums[order] if sums is not None else None
-    # kernel rows i and i + s: the products of the rows in kernel row i's window, [dil·i, dil·i + H_out)
-    blocks = a.new_zeros(kh, kh, m, m)
-    row_sums = a.new_zeros(kh, m)
-    for i in range(kh):
-        window = pairs[dh * i:dh * i + out_h, :kh - i, :m, :m].sum(0)
-        blocks[i, i:] = window
-        blocks[i + 1:, i] = window[1:].transpose(1, 2)
-        if sums is not None:
-            row_sums[i] = sums[dh * i:dh * i + out_h].sum(0)
+    # kernel rows i and i + s: the products of the rows in kernel row i's window, [dil·i, dil·i + H_out), summed
+    # for every i and lag s in one small GEMM (the lags s ≥ k_h − i, summed too, are not used)
+    windows = _windows(kh, dh, out_h, height, per_class, count, a.dtype, a.device)
+    by_lag = (windows @ pairs.view(count, -1)).view(kh, mp, kh, mp).permute(0, 2, 1, 3)[:, :, :m, :m]
+    first, lag, lower = _block_lags(kh, a.device)
+    blocks = by_lag[first, lag]  # block (p, q) of G: window min(p, q) at lag |q − p|, transposed below the diagonal
+    blocks = torch.where(lower, blocks.transpose(-1, -2), blocks)
     d = channels * kh * kw
     gram = blocks.view(kh, kh, channels, kw, channels, kw).permute(2, 0, 3, 4, 1, 5).reshape(d, d)
-    return gram, row_sums.view(kh, channels, kw).transpose(0, 1).reshape(d)
+    if sums is None:
+        return gram, None
+    return gram, (windows @ sums).view(kh, channels, kw).transpose(0, 1).reshape(d)
+
+
+@functools.lru_cache(maxsize=256)
+def _windows(kh: int, dh: int, out_h: int, height: int, per_class: int, count: int, dtype, device) -> torch.Tensor:
+    """(k_h x slots) 0/1: the padded rows of kernel row i's window, [dil·i, dil·i + H_out), at their slots in
+    :func:`_gram_rows`' order."""
+    rows, starts = torch.arange(height), dh * torch.arange(kh)[:, None]
+    windows = torch.zeros(kh, count, dtype=dtype)
+    windows[:, (rows % dh) * per_class + rows // dh] = ((rows >= starts) & (rows < starts + out_h)).to(dtype)
+    return windows.to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_lags(kh: int, device) -> tuple:
+    """For the k_h x k_h blocks (p, q) of G (kernel rows): the window ``min(p, q)``, the lag ``|q − p|``, and
+    whether the block is below the diagonal (there the transpose of that window's block)."""
+    p, q = torch.meshgrid(torch.arange(kh), torch.arange(kh), indexing="ij")
+    return torch.minimum(p, q).to(device), (q - p).abs().to(device), (q < p)[:, :, None, None].to(device)
 
 
 def _check_4d(module, a):
