@@ -195,9 +195,9 @@ class Engine:
         # torch.distributed each solve is done as its signal arrives). The weight solves of a backward pass are
         # factored at its end, same sizes in one call, and the step's checks are read back once there
         # (_end_backward), the forward pass's input checks with them (flagged in _model_end). signals="joint"
-        # checks as it goes: its solves would meet a NaN first and fail with a less clear error. The reference backend, a
-        # check, solves as it goes too: queued, its problems would hold every layer's explicit rows to the end
-        # (VGG11 at batch 128 in float64: 2.05 GB over the model's own instead of 1.57).
+        # checks as it goes: its solves would meet a NaN first and fail with a less clear error. The reference
+        # backend, a check, solves as it goes too: queued, its problems would hold every layer's explicit rows to
+        # the end (VGG11 at batch 128 in float64: 2.05 GB over the model's own instead of 1.57).
         self._batched = (self.batch_solves and mode in ("exact", "exact_weights") and self.distributed is None
                          and backend == "fast")
         self._deferred_checks = self._batched and signals == "per_unit"
