@@ -501,11 +501,11 @@ def _gram_rows(a: torch.Tensor, g: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.lru_cache(maxsize=256)
 def _windows(kh: int, dh: int, out_h: int, height: int, per_class: int, count: int, dtype, device) -> torch.Tensor:
-    """(k_h x slots) 0/1: the padded rows of kernel row i's window, [dil·i, dil·i + H_out), at their slots in
-    :func:`_gram_rows`' order."""
-    rows, starts = torch.arange(height), dh * torch.arange(kh)[:, None]
+    """(k_h x slots) 0/1: the padded rows kernel row i reads, [dil·i, dil·i + H_out) (:func:`_reads` at stride 1),
+    at their slots in :func:`_gram_rows`' order."""
+    rows = torch.arange(height)
     windows = torch.zeros(kh, count, dtype=dtype)
-    windows[:, (rows % dh) * per_class + rows // dh] = ((rows >= starts) & (rows < starts + out_h)).to(dtype)
+    windows[:, (rows % dh) * per_class + rows // dh] = _reads(height, out_h, kh, 1, dh, 0, dtype, "cpu").T
     return windows.to(device)
 
 
