@@ -9,11 +9,12 @@ launched it, and each span is also a ``torch.profiler`` range named
 (g_W where autograd's is not taken, and the signal rows of a dual solve),
 ``factor`` (Cholesky, or eigh when it fails its check), ``solve`` (triangular
 solves, the one read-back, the residual), ``dual`` (the whole N x N solve) and,
-per layer of any kind, ``input_signal`` (its signal rule, with the finiteness check). On the engine's
-batched path ``factor`` and ``solve`` run at the end of backward (the step's one
-read-back there is in no span), and the matrices of several layers factored in one
-call are timed in a row of their own, ``batched <size>`` (``batched dual-<size>``
-for N x N kernels), instead of in their layers'.
+per layer of any kind, ``input_signal`` (its signal rule, with the finiteness
+check). On the engine's batched path ``factor`` and ``solve`` run at the end of
+backward (the step's one read-back there is in no span), and the matrices of
+several layers factored in one call are timed in a row of their own,
+``batched <size>`` (``batched dual-<size>`` for N x N kernels), instead of in
+their layers'.
 """
 
 from __future__ import annotations
